@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv/ when missing.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+
+.PHONY: venv test test-fast demo lint clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -c constraints.txt -e '.[pipeline,dev]'
+	$(BIN)/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	rm -f $(VENV)/.installed-*; touch $@
+
+test: venv
+	$(BIN)/ruff check omniad tests benchmarks workflow
+	$(BIN)/pytest -q
+
+test-fast: venv
+	$(BIN)/pytest -q -m "not slow"
+
+demo: venv
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --config protocol=demo
+	@$(BIN)/python -m omniad.cli where --protocol demo
+
+lint: venv
+	$(BIN)/ruff check omniad tests benchmarks workflow

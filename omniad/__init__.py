@@ -1,0 +1,1 @@
+"""omniad-bench: reproducible Omni-AD benchmarking."""
