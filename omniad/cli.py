@@ -1,0 +1,108 @@
+"""``omniad`` command line: one door to every step, so Snakemake, DVC and a person run the same."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _complexity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("complexity", help="params and FLOPs of every variant vs the paper")
+    p.add_argument("--method", default=None, help="one method's default (e.g. rd4ad)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-flops", action="store_true", help="parameters only (fast)")
+    p.set_defaults(func=lambda a: __import__("omniad.complexity", fromlist=["main"]).main(a))
+
+
+def _run_cmds(sub: argparse._SubParsersAction) -> None:
+    for name, helptext in (("train", "train one run (resumes from its checkpoint)"),
+                           ("evaluate", "evaluate one trained run, write metrics.json")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run", help="run key protocol/dataset/method/variant/seed "
+                                   "(see `omniad grid runs`)")
+        p.add_argument("--data-root", default=None, help="datasets root (default: data/)")
+        p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (not released)")
+        p.add_argument("--channels-last", action="store_true", help="channels_last on CUDA")
+        p.set_defaults(func=lambda a, n=name: getattr(
+            __import__("omniad.engine.runner", fromlist=["x"]), f"cli_{n}")(a))
+
+
+def _grid(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grid", help="the experiment grid of params/")
+    p.add_argument("what", choices=["runs", "count", "check"])
+    p.add_argument("--protocol", default=None)
+
+    def run(a: argparse.Namespace) -> int:
+        from omniad.grid import enumerate_runs, load_params
+
+        params = load_params()
+        runs = enumerate_runs(params, a.protocol or params.default_protocol)
+        if a.what == "runs":
+            print("\n".join(r.key for r in runs))
+        elif a.what == "count":
+            print(len(runs))
+        else:
+            print(f"params/ valid: {len(params.protocols)} protocols, {len(params.methods)} "
+                  f"methods, {len(params.grid.tables)} tables")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _track(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("track", help="MLflow: create the store, sync results written offline")
+    p.add_argument("what", choices=["init", "sync"])
+    p.add_argument("--protocol", default=None)
+    p.set_defaults(func=lambda a: __import__("omniad.tracking", fromlist=["x"]).cli(a))
+
+
+def _report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="aggregate results, write LaTeX tables, figures, PDF")
+    p.add_argument("--protocol", default=None)
+    p.add_argument("--no-pdf", action="store_true")
+    p.set_defaults(func=lambda a: __import__("omniad.report", fromlist=["x"]).cli(a))
+
+
+def _where(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("where", help="print where a protocol's products are")
+    p.add_argument("--protocol", default=None)
+
+    def run(a: argparse.Namespace) -> int:
+        from omniad.grid import REPO, load_params, results_root
+
+        proto = a.protocol or load_params().default_protocol
+        rep = REPO / "reports" / proto
+        print(f"PDF:     {rep / 'report.pdf'}")
+        print(f"Tables:  {rep / 'tables'}")
+        print(f"Figures: {rep / 'figures'}")
+        print(f"Results: {results_root() / proto}")
+        print(f"MLflow:  {REPO / 'mlruns.db'}  (browse: .venv/bin/mlflow ui "
+              f"--backend-store-uri sqlite:///mlruns.db)")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omniad", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _complexity(sub)
+    from omniad.data.cli import add_parser as add_data
+
+    add_data(sub)
+    _run_cmds(sub)
+    _grid(sub)
+    _track(sub)
+    _report(sub)
+    _where(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

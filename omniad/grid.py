@@ -1,0 +1,335 @@
+"""The experiment grid, read from ``params/`` (the single source of truth) and validated.
+
+Snakemake, DVC, the engine and the report all call this module; none of them spells an
+experiment or a path by hand. A run is (protocol, dataset, method, variant, seed); a variant is
+a set of model overrides, named canonically so equal overrides are one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO = Path(__file__).resolve().parent.parent
+PARAMS_DIR = Path(os.environ.get("OMNIAD_PARAMS", REPO / "params"))
+
+
+class ParamsError(ValueError):
+    """A params file is malformed; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Strict):
+    gpu: int = 0
+    cpus: int = 1
+    mem_mb: int = 2000
+    runtime: int = 30  # minutes
+
+
+class Protocol(_Strict):
+    datasets: list[str]
+    ablation_dataset: str
+    image_size: int = Field(gt=0)
+    epochs: dict[str, int]
+    batch_size: int | None = None  # None: each method's own
+    seeds: list[int] = [42]
+    pretrained: bool = True
+    checkpoint_every: int = Field(1, ge=1)
+    eval_batch_size: int = 16
+    workers: int | Literal["auto"] = "auto"
+    exclude_rows: dict[str, list[str]] = {}
+    resources: dict[str, Resources] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Protocol:
+        missing = [d for d in self.datasets if d not in self.epochs]
+        if missing:
+            raise ValueError(f"epochs has no entry for datasets {missing}")
+        if self.ablation_dataset not in self.datasets:
+            raise ValueError(f"ablation_dataset {self.ablation_dataset!r} not in datasets")
+        return self
+
+
+class Method(_Strict):
+    label: str
+    venue: str = "-"
+    status: Literal["implemented", "cited", "planned"]
+    builder: str | None = None
+    model: dict[str, Any] = {}
+    batch_size: int = 16
+    optim: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    protocol_overrides: dict[str, dict[str, Any]] = {}  # protocol -> model overrides
+
+    @model_validator(mode="after")
+    def _builder_when_implemented(self) -> Method:
+        if self.status == "implemented" and not self.builder:
+            raise ValueError("an implemented method needs a builder 'module:callable'")
+        return self
+
+
+class Table(_Strict):
+    title: str
+    kind: Literal["methods", "ablation"]
+    axis: str | None = None
+    rows: dict[str, dict[str, Any]] = {}
+
+
+class Grid(_Strict):
+    table_order: list[str]
+    tables: dict[str, Table]
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: file missing") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _validate(model: type[BaseModel], data: Any, where: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{where}: invalid params"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ParamsError("\n".join(lines)) from None
+
+
+class Params:
+    """All of ``params/``, validated."""
+
+    def __init__(self, root: Path = PARAMS_DIR) -> None:
+        self.root = Path(root)
+        proto_raw = _read_yaml(self.root / "protocols.yaml")
+        self.default_protocol: str = proto_raw.get("default", "demo")
+        self.protocols: dict[str, Protocol] = {}
+        raw = proto_raw.get("protocols") or {}
+        for name, body in raw.items():
+            merged = dict(body)
+            parent = merged.pop("inherit", None)
+            if parent is not None:
+                if parent not in raw:
+                    raise ParamsError(f"{self.root / 'protocols.yaml'}: {name}.inherit: "
+                                      f"unknown protocol {parent!r}")
+                merged = {**raw[parent], **merged}
+            self.protocols[name] = _validate(Protocol, merged, f"protocols.yaml: {name}")
+        meth_raw = _read_yaml(self.root / "methods.yaml").get("methods") or {}
+        self.methods: dict[str, Method] = {
+            k: _validate(Method, v, f"methods.yaml: {k}") for k, v in meth_raw.items()
+        }
+        self.grid: Grid = _validate(Grid, _read_yaml(self.root / "grid.yaml"), "grid.yaml")
+        self.paper: dict = _read_yaml(self.root / "paper.yaml")
+        self.datasets: dict = _read_yaml(self.root / "datasets.yaml").get("datasets", {})
+        self._check_refs()
+
+    def _check_refs(self) -> None:
+        for pname, proto in self.protocols.items():
+            for ds in proto.datasets:
+                if ds not in self.datasets:
+                    raise ParamsError(f"protocols.yaml: {pname}.datasets: unknown dataset {ds!r}"
+                                      f" (known: {sorted(self.datasets)})")
+            for table, rows in proto.exclude_rows.items():
+                known = self.grid.tables.get(table)
+                if known is None or any(r not in known.rows for r in rows):
+                    raise ParamsError(f"protocols.yaml: {pname}.exclude_rows.{table}: unknown "
+                                      f"table or row {rows}")
+        for t in self.grid.table_order:
+            if t not in self.grid.tables:
+                raise ParamsError(f"grid.yaml: table_order names unknown table {t!r}")
+
+    def protocol(self, name: str | None = None) -> Protocol:
+        name = name or self.default_protocol
+        if name not in self.protocols:
+            raise ParamsError(f"unknown protocol {name!r}; known: {sorted(self.protocols)}")
+        return self.protocols[name]
+
+    def implemented(self) -> list[str]:
+        return [m for m, spec in self.methods.items() if spec.status == "implemented"]
+
+
+@cache
+def load_params(root: str | None = None) -> Params:
+    return Params(Path(root) if root else PARAMS_DIR)
+
+
+# --------------------------------------------------------------------------------------------
+# Variants and runs.
+# --------------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return "-".join(_fmt(x) for x in v)
+    return str(v).lower()
+
+
+def variant_id(overrides: dict[str, Any]) -> str:
+    """Canonical name of a set of model overrides ('default' for none)."""
+    keys = sorted(k for k in overrides if k != "pretrained")
+    if not keys:
+        return "default"
+    return "_".join(f"{k}-{_fmt(overrides[k])}" for k in keys)
+
+
+class Run(BaseModel):
+    """One training + evaluation job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    protocol: str
+    dataset: str
+    method: str
+    variant: str
+    seed: int
+    overrides: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        return f"{self.protocol}/{self.dataset}/{self.method}/{self.variant}/{self.seed}"
+
+    def dir(self, results: Path | None = None) -> Path:
+        return run_dir(self.protocol, self.dataset, self.method, self.variant, self.seed, results)
+
+
+def results_root() -> Path:
+    return Path(os.environ.get("OMNIAD_RESULTS", REPO / "results"))
+
+
+def run_dir(protocol: str, dataset: str, method: str, variant: str, seed: int | str,
+            results: Path | None = None) -> Path:
+    """The one place run paths are made: results/<protocol>/runs/<dataset>/<method>/<variant>/<seed>."""
+    return (results or results_root()) / protocol / "runs" / dataset / method / variant / f"seed{seed}"
+
+
+def table_rows(params: Params, protocol: str, table: str) -> dict[str, dict[str, Any]]:
+    """Rows of an ablation table that this protocol runs (exclusions removed)."""
+    spec = params.grid.tables[table]
+    skip = set(params.protocol(protocol).exclude_rows.get(table, []))
+    return {r: o for r, o in spec.rows.items() if r not in skip}
+
+
+def enumerate_runs(params: Params, protocol: str) -> list[Run]:
+    """Every run of a protocol, deduplicated (shared variants trained once)."""
+    proto = params.protocol(protocol)
+    runs: dict[str, Run] = {}
+
+    def add(dataset: str, method: str, overrides: dict[str, Any]) -> None:
+        for seed in proto.seeds:
+            run = Run(protocol=protocol, dataset=dataset, method=method,
+                      variant=variant_id(_strip_defaults(params, method, overrides)), seed=seed,
+                      overrides=_strip_defaults(params, method, overrides))
+            runs.setdefault(run.key, run)
+
+    for tname in params.grid.table_order:
+        table = params.grid.tables[tname]
+        if table.kind == "methods":
+            for ds in proto.datasets:
+                for m in params.implemented():
+                    add(ds, m, {})
+        else:
+            for overrides in table_rows(params, protocol, tname).values():
+                add(proto.ablation_dataset, "omniad", overrides)
+    return list(runs.values())
+
+
+def _strip_defaults(params: Params, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Drop overrides equal to the method's defaults, so the default is one variant."""
+    defaults = _model_defaults(params, method)
+    out = {}
+    for k, v in overrides.items():
+        norm = list(v) if isinstance(v, tuple) else v
+        d = defaults.get(k)
+        d = list(d) if isinstance(d, tuple) else d
+        if k == "pretrained" or norm != d:
+            out[k] = norm
+    if set(out) == {"pretrained"}:
+        return {}
+    return out
+
+
+@cache
+def _defaults_for(builder: str) -> dict[str, Any]:
+    cls = _import(builder)
+    cfg_cls = getattr(cls, "config_class", None)
+    return cfg_cls().model_dump() if cfg_cls else {}
+
+
+def _model_defaults(params: Params, method: str) -> dict[str, Any]:
+    spec = params.methods[method]
+    base = _defaults_for(spec.builder) if spec.builder else {}
+    return {**base, **spec.model}
+
+
+def _import(spec: str) -> Any:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# --------------------------------------------------------------------------------------------
+# The resolved configuration of one run (what the engine trains and what gets hashed).
+# --------------------------------------------------------------------------------------------
+def resolve_run(params: Params, run: Run) -> dict[str, Any]:
+    proto = params.protocol(run.protocol)
+    spec = params.methods[run.method]
+    if spec.status != "implemented":
+        raise ParamsError(f"method {run.method!r} is {spec.status}, it cannot be trained")
+    model = {**spec.model, **spec.protocol_overrides.get(run.protocol, {}), **run.overrides}
+    if not proto.pretrained:
+        model["pretrained"] = False
+    batch = proto.batch_size or spec.batch_size
+    optim = dict(spec.optim)
+    if "lr_batch" in optim:
+        optim["lr"] = optim["lr"] * batch / optim["lr_batch"]
+    return {
+        "run": run.key,
+        "protocol": run.protocol,
+        "dataset": run.dataset,
+        "method": run.method,
+        "builder": spec.builder,
+        "variant": run.variant,
+        "seed": run.seed,
+        "model": model,
+        "image_size": proto.image_size,
+        "epochs": proto.epochs[run.dataset],
+        "batch_size": batch,
+        "eval_batch_size": proto.eval_batch_size,
+        "checkpoint_every": proto.checkpoint_every,
+        "workers": proto.workers,
+        "optim": optim,
+        "categories": params.datasets[run.dataset].get("categories"),
+    }
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_run_key(key: str) -> Run:
+    """'protocol/dataset/method/variant/seed' -> Run, with overrides re-derived from params."""
+    parts = key.strip("/").split("/")
+    if len(parts) != 5:
+        raise ParamsError(f"run key {key!r} is not protocol/dataset/method/variant/seed")
+    params = load_params()
+    seed = int(parts[4].removeprefix("seed"))
+    for run in enumerate_runs(params, parts[0]):
+        if (run.dataset, run.method, run.variant, run.seed) == (parts[1], parts[2], parts[3], seed):
+            return run
+    raise ParamsError(f"run {key!r} is not in the {parts[0]!r} grid of params/")

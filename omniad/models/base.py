@@ -1,0 +1,42 @@
+"""The small interface every method implements, so the engine has no method-specific branches.
+
+A method is an ``nn.Module`` that knows its forward pass, its training loss, its anomaly maps
+and its optimizers. The engine owns everything else (loop, checkpoints, tracking, metrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ADMethod(nn.Module):
+    """Base class of anomaly-detection methods trained and evaluated by ``omniad.engine``."""
+
+    #: Keys of the hyper-parameter block this method reads from params (for validation).
+    name: str = "method"
+
+    def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """Return at least ``{"loss": scalar}``; extra entries are logged as per-step terms."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Return (anomaly maps (B,H,W) float32 at the input size, image scores (B,))."""
+        raise NotImplementedError
+
+    def configure_optimizers(
+        self, optim: dict[str, Any], total_steps: int
+    ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
+        """Build optimizers and per-iteration schedulers from the ``optim`` params block."""
+        from omniad.engine.optim import build_optimizer, build_scheduler
+
+        opt = build_optimizer(self, optim)
+        return [opt], [build_scheduler(opt, optim, total_steps)]
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient norm is clipped together (default: all trainable)."""
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,112 @@
+"""Frozen timm feature encoders with explicit, offline-safe weight resolution.
+
+Weights are never downloaded at model-build time and never silently replaced by random ones:
+``pretrained`` is a timm tag resolved from the local Hugging Face cache, a local weights file,
+or ``False`` (random init, which only the demo protocol uses and its report states).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+#: Default pretrained tag per backbone (timm >= 1.0 names, see DESIGN.md / BASELINES.md).
+DEFAULT_TAGS: dict[str, str] = {
+    "resnet18": "resnet18.tv_in1k",
+    "resnet34": "resnet34.bt_in1k",
+    "resnet50": "resnet50.tv_in1k",
+    "wide_resnet50_2": "wide_resnet50_2.tv_in1k",
+    "tf_efficientnet_b4": "tf_efficientnet_b4.aa_in1k",
+    "tf_efficientnet_b6": "tf_efficientnet_b6.aa_in1k",
+}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Raised when pretrained weights are asked for but are not on this machine."""
+
+
+def _cached_hub_file(hub_id: str) -> Path | None:
+    """Return the cached safetensors/bin file of a timm hub id, without touching the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(hub_id, filename)
+        if isinstance(hit, str) and os.path.exists(hit):
+            return Path(hit)
+    return None
+
+
+def resolve_weights(arch: str, pretrained: str | bool | None) -> tuple[str, Path | None]:
+    """Map a ``pretrained`` setting to (timm model name, local weights file or None).
+
+    ``True`` means the architecture's default tag. A tag must name this architecture.
+    """
+    if pretrained is None or pretrained is False:
+        return arch, None
+    if pretrained is True:
+        pretrained = DEFAULT_TAGS.get(arch, arch)
+    assert isinstance(pretrained, str)
+    as_path = Path(os.path.expanduser(pretrained))
+    if as_path.suffix in {".pth", ".pt", ".bin", ".safetensors"} or as_path.exists():
+        if not as_path.is_file():
+            raise WeightsNotFoundError(f"pretrained weights file {as_path} does not exist")
+        return arch, as_path
+    name = pretrained
+    if name.split(".")[0] != arch:
+        raise ValueError(f"pretrained tag {name!r} does not belong to backbone {arch!r}")
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"unknown timm pretrained tag {name!r}")
+    hub_id = cfg.hf_hub_id or f"timm/{name}"
+    hit = _cached_hub_file(hub_id)
+    if hit is None:
+        raise WeightsNotFoundError(
+            f"pretrained weights {name!r} are not in the local cache. On a machine with internet "
+            f"run `omniad weights fetch {name}` (or `huggingface-cli download {hub_id}`), copy "
+            f"~/.cache/huggingface/hub to this machine, or pass a local file as "
+            f"pretrained: /path/to/weights.safetensors. Use pretrained: false only on purpose "
+            f"(random encoder)."
+        )
+    return name, hit
+
+
+class FrozenEncoder(nn.Module):
+    """A timm ``features_only`` backbone that stays frozen and in eval mode.
+
+    Frozen means: no gradients, BatchNorm statistics never updated (``train()`` is a no-op for
+    it), features detached, so the optimizer and the loss can never touch it.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        out_indices: tuple[int, ...] = (1, 2, 3),
+        pretrained: str | bool | None = True,
+    ) -> None:
+        super().__init__()
+        name, weights = resolve_weights(arch, pretrained)
+        kwargs: dict = {"features_only": True, "out_indices": out_indices}
+        if weights is not None:
+            kwargs["pretrained"] = True
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights), "hf_hub_id": None, "url": None}
+        self.body = timm.create_model(name, **kwargs)
+        self.pretrained = str(pretrained) if pretrained else "random"
+        self.channels: list[int] = list(self.body.feature_info.channels())
+        self.reductions: list[int] = list(self.body.feature_info.reduction())
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+        self.body.eval()
+
+    def train(self, mode: bool = True) -> FrozenEncoder:  # noqa: D102 - stays in eval mode
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [f.detach() for f in self.body(x)]

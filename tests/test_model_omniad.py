@@ -1,0 +1,170 @@
+"""Omni-AD: exact released counts, every switch trains, switch semantics hold."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from omniad.models.omniad import OmniAD, OmniADConfig
+
+# Official counts (fvcore on the released code, encoder included; DESIGN.md).
+OFFICIAL_PARAMS_M = {
+    "default": ({}, 29.927),
+    "tokens16": ({"tokens": 16}, 29.383),
+    "tokens36": ({"tokens": 36}, 29.610),
+    "tokens100": ({"tokens": 100}, 30.335),
+    "d2222": ({"depths": (2, 2, 2, 2)}, 19.018),
+    "d3663": ({"depths": (3, 6, 6, 3)}, 26.525),
+    "d6-12-11-9": ({"depths": (6, 12, 11, 9)}, 42.696),
+    "resnet18": ({"backbone": "resnet18"}, 24.539),
+}
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("key", list(OFFICIAL_PARAMS_M))
+def test_official_parameter_counts(key: str) -> None:
+    overrides, expected = OFFICIAL_PARAMS_M[key]
+    model = OmniAD(pretrained=False, **overrides)
+    assert abs(n_params(model) / 1e6 - expected) < 5e-4
+
+
+def test_default_is_exactly_29_927m_and_released_flops() -> None:
+    from omniad.complexity import count_flops
+
+    model = OmniAD(pretrained=False)
+    assert n_params(model) == 29_926_912
+    assert abs(count_flops(model, 256) / 1e9 - 11.157) < 5e-4
+
+
+SWITCHES = (
+    [{"branches": b} for b in ("global", "local")]
+    + [{"attention": a} for a in itertools.product(("self", "q", "kv"), repeat=2)]
+    + [{"ffn": f} for f in ("learned", "none")]
+    + [{"tokens": 16}, {"depths": (1, 1, 1, 1)}, {"backbone": "resnet18"}]
+)
+
+
+@pytest.mark.parametrize("overrides", SWITCHES, ids=lambda o: "-".join(map(str, o.values())))
+def test_every_switch_runs_forward_and_backward(overrides: dict) -> None:
+    torch.manual_seed(0)
+    depths = overrides.pop("depths", (1, 1, 1, 1))
+    model = OmniAD(pretrained=False, depths=depths, **overrides).train()
+    out = model.training_step(torch.randn(2, 3, 64, 64), 0)
+    out["loss"].backward()
+    grads = [p.grad for p in model.decoder.parameters() if p.requires_grad]
+    assert torch.isfinite(out["loss"]) and any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+
+def test_encoder_stays_frozen_in_eval_mode() -> None:
+    model = OmniAD(pretrained=False, depths=(1, 1, 1, 1)).train()
+    assert not model.encoder.body.training and model.decoder.training
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_branch_switches_drop_the_other_branch_parameters() -> None:
+    glob = OmniAD(pretrained=False, branches="global")
+    loc = OmniAD(pretrained=False, branches="local")
+    assert not any("local_branch" in n for n, _ in glob.named_parameters())
+    assert any("global_branch" in n for n, _ in glob.named_parameters())
+    assert not any("global_branch" in n for n, _ in loc.named_parameters())
+    assert any("local_branch" in n for n, _ in loc.named_parameters())
+
+
+def _randomise_tokens(model: OmniAD) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".tokens") or name.endswith(".bias") and p.dim() == 4:
+                p.normal_()
+
+
+def test_resampled_ffn_registers_nothing_and_is_random_once_tokens_move() -> None:
+    torch.manual_seed(0)
+    model = OmniAD(pretrained=False, depths=(1, 1, 1, 1)).eval()
+    assert not any("ffn" in n for n, _ in model.named_parameters())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(x)[1][0], model(x)[1][0]
+    _randomise_tokens(model)
+    with torch.no_grad():
+        c, d = model(x)[1][0], model(x)[1][0]
+    assert not torch.allclose(c, d)
+    learned = OmniAD(pretrained=False, depths=(1, 1, 1, 1), ffn="learned")
+    assert n_params(learned) > n_params(model)
+    assert a.shape == b.shape
+
+
+def test_learned_ffn_is_deterministic_under_a_seed() -> None:
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = OmniAD(pretrained=False, depths=(1, 1, 1, 1), ffn="learned").eval()
+        _randomise_tokens(model)
+        with torch.no_grad():
+            outs.append(model(torch.ones(1, 3, 64, 64))[1])
+    with torch.no_grad():
+        again = model(torch.ones(1, 3, 64, 64))[1]
+    for x, y, z in zip(outs[0], outs[1], again, strict=True):
+        assert torch.equal(x, y) and torch.equal(y, z)
+
+
+def test_decoder_outputs_match_encoder_scales() -> None:
+    model = OmniAD(pretrained=False, depths=(1, 1, 1, 1)).eval()
+    with torch.no_grad():
+        ft, fs = model(torch.randn(1, 3, 64, 64))
+    assert [t.shape for t in ft] == [s.shape for s in fs]
+    assert [t.shape[1] for t in ft] == [64, 128, 256]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("tokens", 50, "perfect square"),
+        ("depths", (3, 0, 9, 7), "positive"),
+        ("branches", "neither", "both"),
+        ("attention", ("q", "v"), "attention"),
+        ("backbone", "vgg16", "resnet34"),
+        ("ffn", "fresh", "resampled"),
+    ],
+)
+def test_invalid_config_names_field_and_allowed_values(field: str, value, message: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        OmniADConfig(**{field: value})
+    text = str(err.value)
+    assert field in text and message in text
+
+
+def test_unknown_field_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="tokenz"):
+        OmniADConfig(tokenz=64)
+
+
+def test_missing_pretrained_weights_say_how_to_fetch(tmp_path, monkeypatch) -> None:
+    from omniad.models.encoder import WeightsNotFoundError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match="omniad weights fetch resnet34.bt_in1k"):
+        OmniAD(depths=(1, 1, 1, 1))
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        OmniAD(depths=(1, 1, 1, 1), pretrained=str(tmp_path / "nope.pth"))
+
+
+def test_local_weights_file_is_loaded(tmp_path) -> None:
+    import timm
+
+    ref = timm.create_model("resnet18", pretrained=False)
+    torch.nn.init.constant_(ref.conv1.weight, 0.125)
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    model = OmniAD(backbone="resnet18", pretrained=str(path), depths=(1, 1, 1, 1))
+    assert torch.all(model.encoder.body.conv1.weight == 0.125)
