@@ -20,7 +20,6 @@ def _run_cmds(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("run", help="run key protocol/dataset/method/variant/seed "
                                    "(see `omniad grid runs`)")
-        p.add_argument("--data-root", default=None, help="datasets root (default: data/)")
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (not released)")
         p.add_argument("--channels-last", action="store_true", help="channels_last on CUDA")

@@ -75,13 +75,15 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    head = f"{'table':8} {'row':16} {'params M':>9} {'paper':>7} {'diff':>7} {'GFLOPs':>8} {'paper':>7} {'diff':>7}"
-    print(head)
+    print(f"{'table':8} {'row':16} {'params M':>9} {'paper':>7} {'diff':>7} "
+          f"{'GFLOPs':>8} {'paper':>7} {'diff':>7}")
+
+    def pct(r: dict, k: str) -> str:
+        return f"{100 * r[k]:+.2f}%" if r.get(k) is not None else "-"
+
     for r in rows:
-        def pct(k: str) -> str:
-            return f"{100 * r[k]:+.2f}%" if r.get(k) is not None else "-"
         print(f"{r['table']:8} {r['method'] + ':' + r['row']:16} {r['params_m']:9.3f} "
-              f"{r.get('paper_params_m') or '-':>7} {pct('params_rel_diff'):>7} "
+              f"{r.get('paper_params_m') or '-':>7} {pct(r, 'params_rel_diff'):>7} "
               f"{r['flops_g'] if r['flops_g'] is not None else '-':>8} "
-              f"{r.get('paper_flops_g') or '-':>7} {pct('flops_rel_diff'):>7}")
+              f"{r.get('paper_flops_g') or '-':>7} {pct(r, 'flops_rel_diff'):>7}")
     return 0

@@ -333,3 +333,29 @@ def parse_run_key(key: str) -> Run:
         if (run.dataset, run.method, run.variant, run.seed) == (parts[1], parts[2], parts[3], seed):
             return run
     raise ParamsError(f"run {key!r} is not in the {parts[0]!r} grid of params/")
+
+
+def data_root(dataset: str) -> Path:
+    """Raw dataset folder: $OMNIAD_DATA/<dataset> (default data/<dataset>)."""
+    return Path(os.environ.get("OMNIAD_DATA", REPO / "data")) / dataset
+
+
+def cache_dir(dataset: str, size: int) -> Path:
+    """Resized uint8 cache of a dataset: $OMNIAD_CACHE/<dataset>-<size> (default cache/)."""
+    return Path(os.environ.get("OMNIAD_CACHE", REPO / "cache")) / f"{dataset}-{size}"
+
+
+def tables_of(params: Params, run: Run) -> list[tuple[str, str]]:
+    """(table, row) pairs a run's numbers appear in; the default is in up to seven tables."""
+    proto = params.protocol(run.protocol)
+    out = []
+    for tname in params.grid.table_order:
+        table = params.grid.tables[tname]
+        if table.kind == "methods":
+            if run.variant == "default":
+                out.append((tname, run.method))
+        elif run.method == "omniad" and run.dataset == proto.ablation_dataset:
+            for row, overrides in table_rows(params, run.protocol, tname).items():
+                if variant_id(_strip_defaults(params, "omniad", overrides)) == run.variant:
+                    out.append((tname, row))
+    return out

@@ -1,0 +1,116 @@
+"""``omniad train`` / ``omniad evaluate``: resolve a run from params/, then train or evaluate it."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from omniad.data.cache import CachedDataset
+from omniad.engine.checkpoint import load_checkpoint, seed_everything
+from omniad.engine.evaluate import evaluate
+from omniad.engine.runtime import Runtime, git_state, package_versions, write_json_atomic
+from omniad.engine.train import train
+from omniad.grid import (
+    _import,
+    cache_dir,
+    config_hash,
+    load_params,
+    parse_run_key,
+    resolve_run,
+)
+from omniad.models.base import ADMethod
+
+
+def build_model(cfg: dict[str, Any]) -> ADMethod:
+    """The method's model, initialised from the run's seed (its random init is part of it)."""
+    seed_everything(cfg["seed"])
+    return _import(cfg["builder"])(**cfg["model"])
+
+
+def _setup(key: str, device: str | None, bf16: bool, channels_last: bool
+           ) -> tuple[dict[str, Any], Path, Runtime]:
+    run = parse_run_key(key)
+    cfg = resolve_run(load_params(), run)
+    rt = Runtime.create(device, cfg["workers"], bf16, channels_last, config_hash(cfg))
+    run_dir = run.dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", {"config_hash": rt.config_hash, **cfg})
+    return cfg, run_dir, rt
+
+
+def train_run(key: str, device: str | None = None, bf16: bool = False,
+              channels_last: bool = False) -> Path:
+    cfg, run_dir, rt = _setup(key, device, bf16, channels_last)
+    done = load_checkpoint(run_dir / "model.pt")
+    if done is not None and done.get("config_hash") == rt.config_hash:
+        print(f"[train] {key}: already trained ({run_dir / 'model.pt'})")
+        return run_dir
+    dataset = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "train",
+                            cfg["categories"])
+    model = build_model(cfg)
+    summary = train(model, dataset, cfg, run_dir, rt)
+    print(f"[train] {key}: done in {summary['train_wall_s']:.1f}s, final loss "
+          f"{summary['final_loss']:.4f}")
+    return run_dir
+
+
+def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
+                 channels_last: bool = False, track: bool = True) -> dict[str, Any]:
+    cfg, run_dir, rt = _setup(key, device, bf16, channels_last)
+    state = load_checkpoint(run_dir / "model.pt")
+    if state is None:
+        raise FileNotFoundError(f"{run_dir / 'model.pt'}: not trained yet; run `omniad train {key}`")
+    if state.get("config_hash") != rt.config_hash:
+        raise RuntimeError(f"{run_dir / 'model.pt'}: trained under another config; retrain")
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    dataset = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "test",
+                            cfg["categories"])
+    seed_everything(cfg["seed"])  # the released FFN draws random weights at test time too
+    result = evaluate(model, dataset, cfg, rt, samples_path=run_dir / "samples.npz")
+    train_info = _read_json(run_dir / "train.json")
+    encoder = getattr(model, "encoder", None)
+    meta = {
+        "git": git_state(), "config": cfg, "config_hash": rt.config_hash, "seed": cfg["seed"],
+        "packages": package_versions(), "runtime": rt.describe(),
+        "encoder_weights": getattr(encoder, "pretrained", None),
+        "train_wall_s": train_info.get("train_wall_s"),
+        "train_images_per_s": train_info.get("train_images_per_s"),
+        "eval_wall_s": result["eval_wall_s"], "test_images_per_s": result["test_images_per_s"],
+        "test_images": result["test_images"],
+        "peak_mem_mb": max(train_info.get("peak_mem_mb") or 0, rt.peak_memory_mb()),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out = {"run": key, "protocol": cfg["protocol"], "dataset": cfg["dataset"],
+           "method": cfg["method"], "variant": cfg["variant"], "seed": cfg["seed"],
+           "mean": result["mean"], "per_category": result["per_category"], "meta": meta}
+    write_json_atomic(run_dir / "metrics.json", out)
+    m = result["mean"]
+    print(f"[eval] {key}: mAD {100 * m['mad']:.1f}  image AUROC {100 * m['image_auroc']:.1f}  "
+          f"pixel AUROC {100 * m['pixel_auroc']:.1f}  AU-PRO {100 * m['pixel_aupro']:.1f}")
+    if track:
+        from omniad.tracking import log_run_safely
+
+        log_run_safely(run_dir)
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    train_run(args.run, args.device, args.bf16, args.channels_last)
+    return 0
+
+
+def cli_evaluate(args: argparse.Namespace) -> int:
+    evaluate_run(args.run, args.device, args.bf16, args.channels_last)
+    return 0

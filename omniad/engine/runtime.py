@@ -1,0 +1,103 @@
+"""Where and how a run executes (device, precision, workers) and what it records about itself."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omniad.grid import REPO
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Temp file + fsync + rename: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def job_cpus() -> int:
+    """CPUs this job may use: Slurm's allocation, else the affinity mask."""
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    workers: int
+    bf16: bool = False
+    channels_last: bool = False
+    config_hash: str = ""
+
+    @classmethod
+    def create(cls, device: str | None, workers: int | str, bf16: bool, channels_last: bool,
+               config_hash: str) -> Runtime:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if (bf16 or channels_last) and dev.type != "cuda":
+            raise ValueError("--bf16 and --channels-last are CUDA options")
+        n = max(job_cpus() - 1, 0) if workers == "auto" else int(workers)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return cls(dev, min(n, 8), bf16, channels_last, config_hash)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    def describe(self) -> dict[str, Any]:
+        d = {"device": str(self.device), "bf16": self.bf16, "channels_last": self.channels_last,
+             "workers": self.workers, "torch_threads": torch.get_num_threads(),
+             "host": platform.node(), "cpu_count": job_cpus()}
+        if self.device.type == "cuda":
+            d["gpu"] = torch.cuda.get_device_name(self.device)
+        return d
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": dirty}
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("omniad-bench", "torch", "torchvision", "timm", "numpy", "scipy",
+                "scikit-learn", "mlflow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    out["python"] = platform.python_version()
+    return out

@@ -1,0 +1,162 @@
+"""The training loop: deterministic order, atomic checkpoints, resume after preemption.
+
+A run's folder holds ``checkpoint.pt`` (latest state; written every K epochs and on SIGTERM or
+SIGUSR1), ``history.json`` (per-epoch loss) and, once done, ``model.pt`` + ``train.json``.
+Batch order is a pure function of (seed, epoch), and every RNG state is checkpointed, so a
+resumed run ends with the same weights, bit for bit, as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from omniad.engine import PREEMPTED_EXIT
+from omniad.engine.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from omniad.engine.progress import Progress
+from omniad.engine.runtime import Runtime, write_json_atomic
+from omniad.models.base import ADMethod
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the loop checkpoints at the next iteration boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of one epoch (drop_last), a pure function of (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=gen).tolist()
+    return [perm[i * batch:(i + 1) * batch] for i in range(n // batch)]
+
+
+def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
+          rt: Runtime) -> dict[str, Any]:
+    """Train (or resume) one run; returns the training summary written to train.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    batch, epochs, seed = cfg["batch_size"], cfg["epochs"], cfg["seed"]
+    n = len(dataset)
+    steps_per_epoch = n // batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg['run']}: {n} training images < batch size {batch} (drop_last)")
+    total = epochs * steps_per_epoch
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizers, schedulers = model.configure_optimizers(cfg["optim"], total)
+    clip = cfg["optim"].get("clip_grad")
+
+    state = load_checkpoint(ckpt_path)
+    start_epoch, start_iter, history, elapsed = 0, 0, [], 0.0
+    if state is not None:
+        if state["config_hash"] != rt.config_hash:
+            raise RuntimeError(f"{ckpt_path}: written for another config "
+                               f"({state['config_hash']} != {rt.config_hash}); delete it")
+        model.load_state_dict(state["model"])
+        for o, s in zip(optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        for s, st in zip(schedulers, state["schedulers"], strict=True):
+            s.load_state_dict(st)
+        set_rng_state(state["rng"])
+        start_epoch, start_iter = state["epoch"], state["iter"]
+        history, elapsed = state["history"], state["elapsed_s"]
+        print(f"[train] {cfg['run']}: resuming at epoch {start_epoch} iteration {start_iter}",
+              flush=True)
+
+    def save(epoch: int, it: int, epoch_losses: list[float]) -> None:
+        atomic_torch_save({
+            "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() for s in schedulers],
+            "rng": rng_state(), "epoch": epoch, "iter": it, "history": history,
+            "epoch_losses": epoch_losses, "elapsed_s": elapsed + (time.perf_counter() - t0),
+            "config_hash": rt.config_hash,
+        }, ckpt_path)
+        write_json_atomic(run_dir / "history.json", {"run": cfg["run"], "epochs": history})
+
+    progress = Progress(f"train {cfg['run']}", total, start=start_epoch * steps_per_epoch + start_iter)
+    model.train()
+    t0 = time.perf_counter()
+    images_seen = 0
+    epoch_losses: list[float] = list(state["epoch_losses"]) if state and start_iter else []
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, epochs):
+            batches = epoch_batches(n, batch, seed, epoch)
+            first = start_iter if epoch == start_epoch else 0
+            loader = DataLoader(dataset, batch_sampler=batches[first:], num_workers=rt.workers,
+                                pin_memory=rt.device.type == "cuda",
+                                generator=torch.Generator(), persistent_workers=False)
+            for it, item in enumerate(loader, start=first):
+                images = item["image"].to(rt.device, non_blocking=True)
+                if rt.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                step = epoch * steps_per_epoch + it
+                with rt.autocast():
+                    terms = model.training_step(images, step)
+                loss = terms["loss"]
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(model.clip_parameters(), float(clip))
+                for o in optimizers:
+                    o.step()
+                for s in schedulers:
+                    s.step()
+                value = float(loss.detach())
+                if value != value:
+                    raise FloatingPointError(f"{cfg['run']}: loss is NaN at step {step}")
+                epoch_losses.append(value)
+                images_seen += images.shape[0]
+                progress.update(step + 1, f"epoch {epoch + 1}/{epochs} loss {value:.4f}")
+                if stop.signum is not None:
+                    save(epoch, it + 1, epoch_losses)
+                    print(f"[train] {cfg['run']}: signal {stop.signum}, checkpointed at epoch "
+                          f"{epoch} iteration {it + 1}; exit {PREEMPTED_EXIT} to be requeued",
+                          flush=True)
+                    sys.exit(PREEMPTED_EXIT)
+            history.append({"epoch": epoch + 1, "loss": sum(epoch_losses) / len(epoch_losses),
+                            "lr": optimizers[0].param_groups[-1]["lr"]})
+            epoch_losses = []
+            if (epoch + 1) % cfg["checkpoint_every"] == 0 and epoch + 1 < epochs:
+                save(epoch + 1, 0, [])
+    progress.close()
+    wall = elapsed + time.perf_counter() - t0
+    atomic_torch_save({"model": model.state_dict(), "config_hash": rt.config_hash},
+                      run_dir / "model.pt")
+    write_json_atomic(run_dir / "history.json", {"run": cfg["run"], "epochs": history})
+    summary = {"train_wall_s": round(wall, 3), "train_steps": total,
+               "train_images_per_s": round(images_seen / max(time.perf_counter() - t0, 1e-9), 2),
+               "final_loss": history[-1]["loss"] if history else None,
+               "peak_mem_mb": rt.peak_memory_mb()}
+    write_json_atomic(run_dir / "train.json", summary)
+    ckpt_path.unlink(missing_ok=True)
+    return summary
+
