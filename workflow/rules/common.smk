@@ -1,0 +1,41 @@
+# Paths and resources, all derived from omniad.grid (the one place paths are made).
+
+import os
+
+from omniad.grid import REPO, cache_dir, data_root, enumerate_runs, results_root, run_dir
+
+RUNS = enumerate_runs(PARAMS, PROTOCOL)
+SIZE = PROTO.image_size
+MANIFEST = "omniad_manifest.json"
+CACHE_KEY = "cache_key.json"
+
+
+def rel(path):
+    """Repo-relative path when possible, so logs and DVC stay readable."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def run_file(name, **wc):
+    """A file in a run's folder; wildcards stay wildcards."""
+    return rel(run_dir(PROTOCOL, wc.get("dataset", "{dataset}"), wc.get("method", "{method}"),
+                       wc.get("variant", "{variant}"), wc.get("seed", "{seed}")) / name)
+
+
+def all_metrics():
+    return [run_file("metrics.json", dataset=r.dataset, method=r.method, variant=r.variant,
+                     seed=r.seed) for r in RUNS]
+
+
+def res(kind, field):
+    """Per-rule resources from params/protocols.yaml (train / prepare / light)."""
+    spec = PROTO.resources.get(kind)
+    return getattr(spec, field) if spec is not None else {"gpu": 0, "cpus": 1,
+                                                          "mem_mb": 2000, "runtime": 30}[field]
+
+
+def run_key(wc):
+    return f"{PROTOCOL}/{wc.dataset}/{wc.method}/{wc.variant}/{wc.seed}"
+REPO_REPORTS = REPO / "reports"

@@ -1,0 +1,51 @@
+# Datasets: fetch (or generate the demo) -> check -> resized cache.
+
+
+rule fetch:
+    output:
+        rel(data_root("{dataset}") / MANIFEST),
+    wildcard_constraints:
+        dataset="mvtec_ad|visa|real_iad|dtd",
+    resources:
+        mem_mb=res("prepare", "mem_mb"),
+        runtime=res("prepare", "runtime"),
+    shell:
+        "omniad data fetch {wildcards.dataset} --root $(dirname {output}) -q"
+
+
+rule demo_data:
+    output:
+        rel(data_root("demo") / MANIFEST),
+    resources:
+        mem_mb=res("prepare", "mem_mb"),
+        runtime=res("prepare", "runtime"),
+    shell:
+        f"omniad data demo --root {rel(data_root('demo'))}"
+
+
+rule check:
+    input:
+        rel(data_root("{dataset}") / MANIFEST),
+    output:
+        rel(results_root() / PROTOCOL / "checks" / "{dataset}.txt"),
+    resources:
+        mem_mb=res("prepare", "mem_mb"),
+        runtime=res("prepare", "runtime"),
+    shell:
+        "omniad data check {wildcards.dataset} --root $(dirname {input}) > {output}.tmp 2>&1"
+        " && mv {output}.tmp {output} || (cat {output}.tmp; rm -f {output}.tmp; exit 1)"
+
+
+rule cache:
+    input:
+        manifest=rel(data_root("{dataset}") / MANIFEST),
+        check=rel(results_root() / PROTOCOL / "checks" / "{dataset}.txt"),
+    output:
+        rel(cache_dir("{dataset}", SIZE) / CACHE_KEY),
+    threads: res("prepare", "cpus")
+    resources:
+        mem_mb=res("prepare", "mem_mb"),
+        runtime=res("prepare", "runtime"),
+    shell:
+        "omniad data cache {wildcards.dataset} --root $(dirname {input.manifest})"
+        " --size " + str(SIZE) + " --out $(dirname {output})"

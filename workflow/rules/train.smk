@@ -1,0 +1,42 @@
+# One training job and one evaluation job per (dataset, method, variant, seed) of the grid.
+# Training is requeue-aware: on SIGTERM/SIGUSR1 it checkpoints and exits 75; a retry or a
+# Slurm requeue resumes from the checkpoint (see omniad/engine/train.py).
+
+
+rule train:
+    input:
+        rel(cache_dir("{dataset}", SIZE) / CACHE_KEY),
+    output:
+        run_file("model.pt"),
+    params:
+        key=run_key,
+    threads: res("train", "cpus")
+    retries: 3
+    resources:
+        gpu=res("train", "gpu"),
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        cpus_per_task=res("train", "cpus"),
+    log:
+        run_file("train.log"),
+    shell:
+        "omniad train {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+
+
+rule evaluate:
+    input:
+        run_file("model.pt"),
+    output:
+        run_file("metrics.json"),
+    params:
+        key=run_key,
+    threads: res("train", "cpus")
+    resources:
+        gpu=res("train", "gpu"),
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        cpus_per_task=res("train", "cpus"),
+    log:
+        run_file("evaluate.log"),
+    shell:
+        "omniad evaluate {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
