@@ -18,7 +18,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO = Path(__file__).resolve().parent.parent
-PARAMS_DIR = Path(os.environ.get("OMNIAD_PARAMS", REPO / "params"))
+
+
+def params_dir() -> Path:
+    """params/ of this checkout, or $OMNIAD_PARAMS (tests and forks point it elsewhere)."""
+    return Path(os.environ.get("OMNIAD_PARAMS", REPO / "params"))
 
 
 class ParamsError(ValueError):
@@ -116,7 +120,7 @@ def _validate(model: type[BaseModel], data: Any, where: str) -> Any:
 class Params:
     """All of ``params/``, validated."""
 
-    def __init__(self, root: Path = PARAMS_DIR) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = Path(root)
         proto_raw = _read_yaml(self.root / "protocols.yaml")
         self.default_protocol: str = proto_raw.get("default", "demo")
@@ -165,9 +169,17 @@ class Params:
         return [m for m, spec in self.methods.items() if spec.status == "implemented"]
 
 
+def load_params(root: str | Path | None = None) -> Params:
+    """Validated params (cached per folder)."""
+    return _load(str(Path(root) if root else params_dir()))
+
+
 @cache
-def load_params(root: str | None = None) -> Params:
-    return Params(Path(root) if root else PARAMS_DIR)
+def _load(root: str) -> Params:
+    return Params(Path(root))
+
+
+load_params.cache_clear = _load.cache_clear  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Engine: preemption + resume is bit-identical, MLflow holds the run, tracking never fails it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+KEY = "tiny/demo/omniad/default/42"
+
+
+def omniad(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "omniad.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_dir(env: dict[str, str]) -> Path:
+    return Path(env["OMNIAD_RESULTS"]) / "tiny/runs/demo/omniad/default/seed42"
+
+
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(tiny_env, tmp_path) -> None:
+    ref_env = {**tiny_env, "OMNIAD_RESULTS": str(tmp_path / "ref")}
+    done = omniad("train", KEY, env=ref_env)
+    assert done.returncode == 0, done.stderr
+    # Interrupted run: SIGTERM once epoch 2 has started, i.e. mid-run and mid-epoch.
+    proc = subprocess.Popen([sys.executable, "-m", "omniad.cli", "train", KEY], env=tiny_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 2/3" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, "".join(lines) + rest
+    assert (run_dir(tiny_env) / "checkpoint.pt").exists()
+    assert not (run_dir(tiny_env) / "model.pt").exists()
+    ckpt = torch.load(run_dir(tiny_env) / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["iter"] < 16  # resumed inside epoch 2
+    resumed = omniad("train", KEY, env=tiny_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 1 iteration" in resumed.stdout
+    a = torch.load(run_dir(ref_env) / "model.pt", weights_only=False)["model"]
+    b = torch.load(run_dir(tiny_env) / "model.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((run_dir(ref_env) / "history.json").read_text())["epochs"]
+    hb = json.loads((run_dir(tiny_env) / "history.json").read_text())["epochs"]
+    assert ha == hb and len(ha) == 3
+    for env in (ref_env, tiny_env):
+        assert omniad("evaluate", KEY, env=env).returncode == 0
+    ma = json.loads((run_dir(ref_env) / "metrics.json").read_text())
+    mb = json.loads((run_dir(tiny_env) / "metrics.json").read_text())
+    assert ma["mean"] == mb["mean"] and ma["per_category"] == mb["per_category"]
+
+
+def test_train_evaluate_and_mlflow_store(tiny_env) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from omniad.engine.runner import evaluate_run, train_run
+    from omniad.tracking import init_store
+
+    init_store("tiny")
+    train_run(KEY)
+    out = evaluate_run(KEY)
+    metrics = json.loads((run_dir(tiny_env) / "metrics.json").read_text())
+    assert metrics["mean"] == out["mean"]
+    assert set(metrics["per_category"]) == {"brick", "gravel", "coffee", "coins"}
+    meta = metrics["meta"]
+    for key in ("git", "config_hash", "packages", "runtime", "train_wall_s", "peak_mem_mb",
+                "train_images_per_s", "test_images_per_s", "seed"):
+        assert meta[key] is not None, key
+    assert meta["encoder_weights"] == "random"
+    client = MlflowClient(tiny_env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("omniad/tiny/table1")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.data.tags["dataset"] == "demo" and r.data.tags["method"] == "omniad"
+    assert r.data.tags["protocol"] == "tiny" and r.data.tags["seed"] == "42"
+    assert r.data.params["model.depths"] == "[1, 1, 1, 1]"
+    assert r.data.metrics["mad"] == pytest.approx(metrics["mean"]["mad"])
+    assert r.data.metrics["coins.pixel_aupro"] == pytest.approx(
+        metrics["per_category"]["coins"]["pixel_aupro"])
+    loss = client.get_metric_history(r.info.run_id, "train_loss")
+    assert [m.step for m in loss] == [1, 2, 3]
+    arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"metrics.json", "anomaly_maps.png"} <= arts
+    # The default variant is in every ablation table too: one experiment run per table.
+    exp5 = client.get_experiment_by_name("omniad/tiny/table5")
+    tagged = client.search_runs([exp5.experiment_id])
+    assert [t.data.tags["value"] for t in tagged] == ["both"]
+
+
+def test_unreachable_tracking_server_does_not_fail_the_run(tiny_env) -> None:
+    env = {**tiny_env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    assert omniad("train", KEY, env=env).returncode == 0
+    res = omniad("evaluate", KEY, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "omniad track sync" in res.stdout
+    assert (run_dir(tiny_env) / "metrics.json").exists()
+    assert not (run_dir(tiny_env) / "tracked.json").exists()
+    synced = omniad("track", "sync", "--protocol", "tiny", env=tiny_env)
+    assert synced.returncode == 0, synced.stderr
+    assert json.loads((run_dir(tiny_env) / "tracked.json").read_text())["mlflow_run_ids"]
