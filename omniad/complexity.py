@@ -48,7 +48,8 @@ def complexity_rows(params: Params, method: str | None = None, flops: bool = Tru
         targets.append(("default", "omniad", "default", {}, {"params_m": 29.927, "flops_g": 11.157}))
         for table in ("table4", "table6", "table7"):
             for row, overrides in params.grid.tables[table].rows.items():
-                targets.append((table, "omniad", row, overrides, params.paper[table].get(row)))
+                paper_rows = {str(k): v for k, v in params.paper[table].items()}
+                targets.append((table, "omniad", row, overrides, paper_rows.get(row)))
     else:
         targets.append(("method", method, "default", {}, None))
     rows = []

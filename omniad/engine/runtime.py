@@ -36,8 +36,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def job_cpus() -> int:
-    """CPUs this job may use: Slurm's allocation, else the affinity mask."""
-    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+    """CPUs this job may use: OMP_NUM_THREADS (Snakemake's threads), Slurm's allocation, else
+    the affinity mask. Oversubscribed torch threads are many times slower on a busy node."""
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return len(os.sched_getaffinity(0))
@@ -55,6 +56,7 @@ class Runtime:
     def create(cls, device: str | None, workers: int | str, bf16: bool, channels_last: bool,
                config_hash: str) -> Runtime:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.set_num_threads(job_cpus())
         if (bf16 or channels_last) and dev.type != "cuda":
             raise ValueError("--bf16 and --channels-last are CUDA options")
         n = max(job_cpus() - 1, 0) if workers == "auto" else int(workers)

@@ -20,7 +20,7 @@ rule train:
     log:
         run_file("train.log"),
     shell:
-        "omniad train {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+        "OMP_NUM_THREADS={threads} omniad train {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
 
 
 rule evaluate:
@@ -39,4 +39,4 @@ rule evaluate:
     log:
         run_file("evaluate.log"),
     shell:
-        "omniad evaluate {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+        "OMP_NUM_THREADS={threads} omniad evaluate {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"

@@ -1,0 +1,82 @@
+"""Parameters and FLOPs for the report: :func:`omniad.complexity.complexity_rows`, cached.
+
+Counting FLOPs of every variant takes about a minute, so the rows are cached in
+``results/complexity.json`` under a key made of the *contents* of the model code, the
+complexity code and the params that shape the variants (uncommitted edits change the key too).
+``$OMNIAD_COMPLEXITY_JSON`` may name a precomputed file (a list of rows, or ``{"rows": [...]}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omniad.grid import REPO, Params, results_root
+from omniad.report.latex import write_atomic
+
+CACHE_NAME = "complexity.json"
+
+
+def cache_key(params: Params) -> str:
+    h = hashlib.sha256()
+    files = sorted((REPO / "omniad" / "models").rglob("*.py")) + [REPO / "omniad" / "complexity.py"]
+    for f in files:
+        h.update(f.relative_to(REPO).as_posix().encode())
+        h.update(f.read_bytes())
+    shaping = {
+        "rows": {t: params.grid.tables[t].rows for t in ("table4", "table6", "table7")
+                 if t in params.grid.tables},
+        "omniad": params.methods["omniad"].model if "omniad" in params.methods else {},
+    }
+    h.update(json.dumps(shaping, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _rows_of(data: Any) -> list[dict]:
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise ValueError("expected a list of rows or {'rows': [...]}")
+    return rows
+
+
+def load_complexity(params: Params, results: Path | None = None,
+                    log=lambda msg: print(msg, file=sys.stderr)) -> tuple[list[dict], str | None]:
+    """(rows, problem): rows of complexity_rows, from a given file, the cache, or computed.
+
+    On failure the rows are empty and ``problem`` says why (the report then shows "--").
+    """
+    given = os.environ.get("OMNIAD_COMPLEXITY_JSON")
+    if given:
+        try:
+            return _rows_of(json.loads(Path(given).read_text())), None
+        except (OSError, ValueError) as exc:
+            return [], f"$OMNIAD_COMPLEXITY_JSON={given}: {exc}"
+    path = (results or results_root()) / CACHE_NAME
+    key = cache_key(params)
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return _rows_of(data), None
+        except (OSError, ValueError, AttributeError):
+            pass
+    log("complexity: counting params and FLOPs of every variant (about a minute; cached in "
+        f"{path})")
+    try:
+        from omniad.complexity import complexity_rows
+
+        rows = complexity_rows(params)
+    except Exception as exc:  # the report must still say what it could not measure
+        return [], f"complexity_rows failed: {type(exc).__name__}: {exc}"
+    write_atomic(path, json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
+    return rows, None
+
+
+def costs_by_cell(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """(table, row) -> {params_m, flops_g} (ours only; the paper's come from paper.yaml)."""
+    return {(r["table"], str(r["row"])): {"params_m": r.get("params_m"), "flops_g": r.get("flops_g")}
+            for r in rows}
