@@ -87,6 +87,7 @@ class Table(_Strict):
     kind: Literal["methods", "ablation"]
     axis: str | None = None
     rows: dict[str, dict[str, Any]] = {}
+    methods: list[str] = []  # row order of a methods table (the paper's)
 
 
 class Grid(_Strict):
@@ -135,11 +136,16 @@ class Params:
                                       f"unknown protocol {parent!r}")
                 merged = {**raw[parent], **merged}
             self.protocols[name] = _validate(Protocol, merged, f"protocols.yaml: {name}")
-        meth_raw = _read_yaml(self.root / "methods.yaml").get("methods") or {}
+        files = sorted((self.root / "methods").glob("*.yaml"))
+        if not files:
+            raise ParamsError(f"{self.root / 'methods'}: no method files (one YAML per method)")
         self.methods: dict[str, Method] = {
-            k: _validate(Method, v, f"methods.yaml: {k}") for k, v in meth_raw.items()
+            f.stem: _validate(Method, _read_yaml(f), f"methods/{f.name}") for f in files
         }
         self.grid: Grid = _validate(Grid, _read_yaml(self.root / "grid.yaml"), "grid.yaml")
+        order = [m for t in self.grid.tables.values() for m in t.methods]
+        self.methods = dict(sorted(self.methods.items(), key=lambda kv: (
+            order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
         self.paper: dict = _read_yaml(self.root / "paper.yaml")
         self.datasets: dict = _read_yaml(self.root / "datasets.yaml").get("datasets", {})
         self._check_refs()

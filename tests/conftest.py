@@ -15,9 +15,7 @@ TINY_SIZE = 64
 
 def write_tiny_params(dest: Path, epochs: int = 3, size: int = TINY_SIZE, **model) -> Path:
     """A copy of params/ with a 'tiny' protocol: demo data, small images, shallow decoder."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in (REPO / "params").glob("*.yaml"):
-        shutil.copy(f, dest / f.name)
+    shutil.copytree(REPO / "params", dest, dirs_exist_ok=True)
     protos = yaml.safe_load((dest / "protocols.yaml").read_text())
     protos["protocols"]["tiny"] = {
         "datasets": ["demo"], "ablation_dataset": "demo", "image_size": size,
@@ -25,10 +23,9 @@ def write_tiny_params(dest: Path, epochs: int = 3, size: int = TINY_SIZE, **mode
         "checkpoint_every": 1, "eval_batch_size": 16, "workers": 0,
     }
     (dest / "protocols.yaml").write_text(yaml.safe_dump(protos, sort_keys=False))
-    methods = yaml.safe_load((dest / "methods.yaml").read_text())
-    methods["methods"]["omniad"]["protocol_overrides"] = {
-        "tiny": {"depths": [1, 1, 1, 1], **model}}
-    (dest / "methods.yaml").write_text(yaml.safe_dump(methods, sort_keys=False))
+    omni = yaml.safe_load((dest / "methods/omniad.yaml").read_text())
+    omni.setdefault("protocol_overrides", {})["tiny"] = {"depths": [1, 1, 1, 1], **model}
+    (dest / "methods/omniad.yaml").write_text(yaml.safe_dump(omni, sort_keys=False))
     return dest
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from omniad.grid import ParamsError, Params, enumerate_runs, load_params, tables_of
+from omniad.grid import Params, ParamsError, enumerate_runs, load_params, tables_of
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = {"attention": ["q", "kv"], "tokens": 64, "branches": "both",
@@ -25,7 +25,7 @@ def expected_runs(protocol: str) -> int:
     proto = protos[protocol]
     if "inherit" in proto:
         proto = {**protos[proto["inherit"]], **proto}
-    methods = yaml.safe_load((REPO / "params/methods.yaml").read_text())["methods"]
+    methods = {f.stem: yaml.safe_load(f.read_text()) for f in (REPO / "params/methods").glob("*.yaml")}
     implemented = [m for m, s in methods.items() if s["status"] == "implemented"]
     grid = yaml.safe_load((REPO / "params/grid.yaml").read_text())["tables"]
     variants = set()
@@ -72,8 +72,7 @@ def test_snakemake_dry_run_lists_the_whole_paper_grid() -> None:
 
 
 def test_bad_params_name_file_and_field(tmp_path: Path) -> None:
-    for f in (REPO / "params").glob("*.yaml"):
-        shutil.copy(f, tmp_path / f.name)
+    shutil.copytree(REPO / "params", tmp_path, dirs_exist_ok=True)
     protos = yaml.safe_load((tmp_path / "protocols.yaml").read_text())
     protos["protocols"]["demo"]["image_size"] = -4
     (tmp_path / "protocols.yaml").write_text(yaml.safe_dump(protos))

@@ -389,6 +389,19 @@ def test_undefined_cases_raise() -> None:
         CategoryAccumulator().compute()
 
 
+def test_rejected_batch_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(M, "_STAGE_PIXELS", 256)  # the bad batch is split into 1-image parts
+    maps, masks, _ = make_case("random", 6)
+    acc = CategoryAccumulator()
+    acc.update(maps, masks)
+    bad = maps.copy()
+    bad[-1, 0, 0] = np.nan
+    with pytest.raises(MetricError, match="NaN"):
+        acc.update(bad, masks)
+    assert acc.n_images == len(maps)
+    assert acc.compute() == evaluate_category(maps, masks)
+
+
 # --------------------------------------------------------------------------- mean
 def test_keys_order_range_and_mad() -> None:
     maps, masks, _ = make_case("random", 1)

@@ -38,9 +38,7 @@ GIT = {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": True}
 
 
 def _tiny_params(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for f in (REPO / "params").glob("*.yaml"):
-        shutil.copy(f, dest / f.name)
+    shutil.copytree(REPO / "params", dest)
     protos = yaml.safe_load((dest / "protocols.yaml").read_text())
     protos["protocols"][P] = {
         "datasets": ["demo"], "ablation_dataset": "demo", "image_size": 32,
@@ -48,10 +46,11 @@ def _tiny_params(dest: Path) -> Path:
         "workers": 0, "exclude_rows": {"table7": ["resnet50", "wide_resnet50"]},
     }
     (dest / "protocols.yaml").write_text(yaml.safe_dump(protos, sort_keys=False))
-    methods = yaml.safe_load((dest / "methods.yaml").read_text())
     for m in ("uniad", "simplenet"):  # two more 'implemented' methods (built as Omni-AD)
-        methods["methods"][m].update(status="implemented", builder="omniad.models.omniad:OmniAD")
-    (dest / "methods.yaml").write_text(yaml.safe_dump(methods, sort_keys=False))
+        path = dest / "methods" / f"{m}.yaml"
+        spec = yaml.safe_load(path.read_text())
+        spec.update(status="implemented", builder="omniad.models.omniad:OmniAD")
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
     grid = yaml.safe_load((dest / "grid.yaml").read_text())
     grid["tables"]["table2"]["title"] = TITLE2
     (dest / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
