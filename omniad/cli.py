@@ -63,6 +63,13 @@ def _report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: __import__("omniad.report", fromlist=["x"]).cli(a))
 
 
+def _weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("weights", help="fetch / check pretrained encoder weights (local cache)")
+    p.add_argument("what", choices=["fetch", "check"])
+    p.add_argument("tags", nargs="*", help="timm tags, e.g. resnet34.bt_in1k (default: all used)")
+    p.set_defaults(func=lambda a: __import__("omniad.weights", fromlist=["x"]).cli(a))
+
+
 def _where(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("where", help="print where a protocol's products are")
     p.add_argument("--protocol", default=None)
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _grid(sub)
     _track(sub)
     _report(sub)
+    _weights(sub)
     _where(sub)
     return parser
 

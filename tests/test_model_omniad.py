@@ -168,3 +168,37 @@ def test_local_weights_file_is_loaded(tmp_path) -> None:
     torch.save(ref.state_dict(), path)
     model = OmniAD(backbone="resnet18", pretrained=str(path), depths=(1, 1, 1, 1))
     assert torch.all(model.encoder.body.conv1.weight == 0.125)
+
+
+def test_weights_check_reports_missing_tags(tmp_path, monkeypatch, capsys) -> None:
+    import huggingface_hub.constants as hc
+
+    from omniad.cli import main
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    assert main(["weights", "check", "resnet34.bt_in1k"]) == 1
+    assert "MISSING (omniad weights fetch resnet34.bt_in1k)" in capsys.readouterr().out
+
+
+def test_weights_fetch_installs_into_the_cache_timm_reads(tmp_path, monkeypatch) -> None:
+    """fetch() goes through huggingface_hub; here its download is a local file."""
+    import huggingface_hub
+    import timm
+
+    import omniad.weights as weights
+
+    ref = timm.create_model("resnet18", pretrained=False)
+    torch.nn.init.constant_(ref.conv1.weight, 0.25)
+    path = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(ref.state_dict(), str(path))
+    seen = {}
+
+    def fake_download(repo_id: str, filename: str) -> str:
+        seen["repo"], seen["file"] = repo_id, filename
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert weights.fetch("resnet18.tv_in1k") == str(path)
+    assert seen == {"repo": "timm/resnet18.tv_in1k", "file": "model.safetensors"}
