@@ -51,6 +51,11 @@ def _tiny_params(dest: Path) -> Path:
         spec = yaml.safe_load(path.read_text())
         spec.update(status="implemented", builder="omniad.models.omniad:OmniAD")
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    for m in ("rd4ad", "rlr", "destseg", "mambaad"):  # exercise the 'planned' path
+        path = dest / "methods" / f"{m}.yaml"
+        spec = yaml.safe_load(path.read_text())
+        spec = {"label": spec["label"], "venue": spec["venue"], "status": "planned"}
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
     grid = yaml.safe_load((dest / "grid.yaml").read_text())
     grid["tables"]["table2"]["title"] = TITLE2
     (dest / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))

@@ -44,6 +44,7 @@ rule cache:
         rel(cache_dir("{dataset}", SIZE) / CACHE_KEY),
     threads: res("prepare", "cpus")
     resources:
+        cpus_per_task=res("prepare", "cpus"),
         mem_mb=res("prepare", "mem_mb"),
         runtime=res("prepare", "runtime"),
     shell:

@@ -1,6 +1,6 @@
 # One training job and one evaluation job per (dataset, method, variant, seed) of the grid.
-# Training is requeue-aware: on SIGTERM/SIGUSR1 it checkpoints and exits 75; a retry or a
-# Slurm requeue resumes from the checkpoint (see omniad/engine/train.py).
+# Training is requeue-aware: on SIGTERM/SIGUSR1 it checkpoints and exits 75; a retry (the
+# profile's `retries`) or a Slurm requeue resumes from the checkpoint (omniad/engine/train.py).
 
 
 rule train:
@@ -11,7 +11,6 @@ rule train:
     params:
         key=run_key,
     threads: res("train", "cpus")
-    retries: 3
     resources:
         gpu=res("train", "gpu"),
         mem_mb=res("train", "mem_mb"),
@@ -20,7 +19,9 @@ rule train:
     log:
         run_file("train.log"),
     shell:
-        "OMP_NUM_THREADS={threads} omniad train {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+        # bash ignores TERM/USR1 so it waits while training checkpoints and exits 75
+        "trap : TERM USR1; OMP_NUM_THREADS={threads} omniad train {params.key} > {log} 2>&1"
+        " || (tail -n 40 {log}; exit 1)"
 
 
 rule evaluate:

@@ -1,0 +1,1 @@
+"""Baselines of Table I, one readable file per method (facts: /work/shared/BASELINES.md)."""
