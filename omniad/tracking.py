@@ -151,7 +151,7 @@ def log_run(run_dir: Path) -> list[str]:
                 client.log_artifact(rid, str(figure))
             client.set_terminated(rid)
             ids.append(rid)
-    from omniad.engine.runtime import write_json_atomic
+    from omniad.atomic import write_json_atomic
 
     write_json_atomic(marker, {"uri": uri, "mlflow_run_ids": ids,
                                "config_hash": metrics["meta"]["config_hash"]})

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from omniad.data.atomic import install_tree, remove_stale, tmp_sibling, write_json_atomic
+from omniad.atomic import install_tree, remove_stale, tmp_sibling, write_json_atomic
 from omniad.data.manifest import MANIFEST_NAME, read_manifest
 from omniad.data.params import Params, dataset_facts, load_params, resolve_categories
 from omniad.data.readers import read_samples

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from omniad.data.atomic import install_tree, remove_stale, tmp_sibling
+from omniad.atomic import install_tree, remove_stale, tmp_sibling
 from omniad.data.manifest import MANIFEST_NAME, list_files, read_manifest, write_manifest
 from omniad.data.params import Params, dataset_facts, resolve_categories
 from omniad.data.samples import NORMAL_DEFECT, DatasetError

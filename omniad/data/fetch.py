@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import requests
 from tqdm import tqdm
 
-from omniad.data.atomic import install_tree, remove_stale, tmp_sibling
+from omniad.atomic import install_tree, remove_stale, tmp_sibling
 from omniad.data.manifest import (
     MANIFEST_NAME,
     list_files,

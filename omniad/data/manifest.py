@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omniad.data.atomic import write_json_atomic
+from omniad.atomic import write_json_atomic
 from omniad.data.samples import DatasetError
 
 MANIFEST_NAME = "omniad_manifest.json"

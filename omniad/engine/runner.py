@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from omniad.atomic import write_json_atomic
 from omniad.data.cache import CachedDataset
 from omniad.engine.checkpoint import load_checkpoint, seed_everything
 from omniad.engine.evaluate import evaluate
-from omniad.engine.runtime import Runtime, git_state, package_versions, write_json_atomic
+from omniad.engine.runtime import Runtime, git_state, package_versions
 from omniad.engine.train import train
 from omniad.grid import (
     _import,

@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import resource
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from omniad.grid import REPO
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Temp file + fsync + rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def job_cpus() -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from omniad.atomic import write_json_atomic
 from omniad.engine import PREEMPTED_EXIT
 from omniad.engine.checkpoint import (
     atomic_torch_save,
@@ -25,7 +26,7 @@ from omniad.engine.checkpoint import (
     set_rng_state,
 )
 from omniad.engine.progress import Progress
-from omniad.engine.runtime import Runtime, write_json_atomic
+from omniad.engine.runtime import Runtime
 from omniad.models.base import ADMethod
 
 
