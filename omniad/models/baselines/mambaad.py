@@ -179,8 +179,9 @@ def selective_scan_ref(
 # Selective scan: chunked parallel form with a recomputing backward.
 # --------------------------------------------------------------------------------------------
 # The fast form works token-major: u, delta (b, g, L, d/g) and B, C (b, g, L, n), g channel
-# groups sharing B/C (the 8 scan directions in SS2D). Per step every tensor is (c, b, g, d/g[, n]):
-# c = chunks, which all run their T steps at once. Inputs are rearranged once into (T, c, ...)
+# groups sharing B/C (the 8 scan directions in SS2D). Per step a state is (c, b, g, n, d/g):
+# c = chunks, which all run their T steps at once; channels innermost, so that the many
+# broadcasts over the (small) state dim vectorise. Inputs are rearranged once into (T, c, ...)
 # "step" layout (a copy that keeps the channel dim contiguous) so that each step reads
 # contiguous slices; nothing of size (b, d, L, n) is ever materialised.
 def chunk_size(length: int, device: torch.device, chunk: int = 0) -> int:
@@ -189,7 +190,9 @@ def chunk_size(length: int, device: torch.device, chunk: int = 0) -> int:
     step is a kernel launch (2T + L/T sequential steps instead of L)."""
     if chunk:
         return max(1, min(chunk, length))
-    return length if device.type == "cpu" else max(1, math.ceil(math.sqrt(length)))
+    if device.type == "cpu" and not torch.jit.is_tracing():  # traced (fvcore): fewer ops to record
+        return length
+    return max(1, math.ceil(math.sqrt(length)))
 
 
 def _to_steps(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -208,90 +211,122 @@ def _from_steps(steps: list[torch.Tensor], length: int) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])[:, :, :length]
 
 
-def _advance(h: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t on (c, b, g, d/g, n); returns
-    (h_t, a_t)."""
-    a = torch.exp(dt.unsqueeze(-1) * A)
-    return torch.addcmul(a * h, (dt * u).unsqueeze(-1), B.unsqueeze(-2)), a
+def _decay_drive(dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """a = exp(delta A) and x = delta u B for a block of steps: (S, c, b, g, n, d/g) each."""
+    return torch.exp(dt.unsqueeze(-2) * A), (dt * u).unsqueeze(-2) * B.unsqueeze(-1)
 
 
 def _read(h: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """y = <C, h> over the state. A batched matmul is one pass over h, but fvcore would count it
     as FLOPs, and the released count leaves the scan out: traced, it is an elementwise sum."""
     if torch.jit.is_tracing():
-        return (h * C.unsqueeze(-2)).sum(-1)
-    return (h @ C.unsqueeze(-1)).squeeze(-1)
+        return (h * C.unsqueeze(-1)).sum(-2)
+    return (C.unsqueeze(-2) @ h).squeeze(-2)
 
 
-def _step_summary(h: torch.Tensor, prod: torch.Tensor, dt: torch.Tensor, u: torch.Tensor,
-                  A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advance a chunk's zero-start state and its decay product by one step."""
-    h, a = _advance(h, dt, u, A, B)
-    return h, prod * a
+def _recur(h: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+    """h_i = a_i h_{i-1} + x_i over the block's first dim: the only sequential part."""
+    out = []
+    for i in range(a.shape[0]):
+        h = torch.addcmul(x[i], a[i], h)
+        out.append(h)
+    return out
 
 
-def _step_state(h: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor
-                ) -> torch.Tensor:
-    return _advance(h, dt, u, A, B)[0]
+def _block_summary(h: torch.Tensor, prod: torch.Tensor, dt: torch.Tensor, u: torch.Tensor,
+                   A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advance zero-start chunk states and their decay products over a block of steps."""
+    a, x = _decay_drive(dt, u, A, B)
+    return _recur(h, a, x)[-1], prod * a.prod(0)
 
 
-def _step_out(h: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-              C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advance the state by one step and read y_t = <C_t, h_t>."""
-    h = _advance(h, dt, u, A, B)[0]
-    return h, _read(h, C)
+def _block_states(h: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor,
+                  B: torch.Tensor) -> torch.Tensor:
+    """The entering state and all states of a block: (S + 1, c, b, g, n, d/g)."""
+    a, x = _decay_drive(dt, u, A, B)
+    return torch.stack([h, *_recur(h, a, x)])
 
 
-def _step_gsummary(g_next: torch.Tensor, a_next: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-                   C: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One reverse step of g_t = gy_t C_t + a_{t+1} g_{t+1} alone; also returns a_t."""
-    g = torch.addcmul(a_next * g_next, gy.unsqueeze(-1), C.unsqueeze(-2))
-    return g, torch.exp(dt.unsqueeze(-1) * A)
+def _block_out(h: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advance the states over a block and read y = <C, h> at each step: (last h, (S, ...) y)."""
+    states = _block_states(h, dt, u, A, B)[1:]
+    return states[-1], _read(states, C)
 
 
-def _step_grad(g_next: torch.Tensor, a_next: torch.Tensor, h_prev: torch.Tensor, h: torch.Tensor,
-               dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-               gy: torch.Tensor, g_A: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One reverse step: g_t = dL/dh_t = gy_t C_t + a_{t+1} g_{t+1}, then this step's grads.
+def _block_gsummary(g: torch.Tensor, a_next: torch.Tensor, trans: torch.Tensor, dt: torch.Tensor,
+                    A: torch.Tensor, C: torch.Tensor, gy: torch.Tensor, first: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reverse over a block: g_t = gy_t C_t + a_{t+1} g_{t+1} from the block's end, alone.
 
-    dL/d(delta A) = g h_{t-1} a and dL/dx = g, through a = exp(delta A), x = delta u B.
-    Returns (g_t, a_t, g_delta, g_u, g_A accumulated over steps, g_B, g_C) for the step.
+    Also carries a_t of the block's first step and ``trans``, the product of the decays after
+    each chunk's first step (a_1 ... a_{T-1}; ``first`` marks the block holding step 0).
     """
-    g = torch.addcmul(a_next * g_next, gy.unsqueeze(-1), C.unsqueeze(-2))
-    a = torch.exp(dt.unsqueeze(-1) * A)
-    g_dA = g * h_prev * a
-    g_xb = (g @ B.unsqueeze(-1)).squeeze(-1)
-    g_delta = (g_dA * A).sum(-1) + g_xb * u
-    g_A = torch.addcmul(g_A, g_dA, dt.unsqueeze(-1))
-    g_B = ((dt * u).unsqueeze(-2) @ g).squeeze(-2)
-    g_C = (gy.unsqueeze(-2) @ h).squeeze(-2)
-    return g, a, g_delta, g_xb * dt, g_A, g_B, g_C
+    a = torch.exp(dt.unsqueeze(-2) * A)
+    e = gy.unsqueeze(-2) * C.unsqueeze(-1)
+    for i in reversed(range(a.shape[0])):
+        g = torch.addcmul(e[i], a_next, g)
+        a_next = a[i]
+    trans = trans * (a[1:] if first else a).prod(0)
+    return g, a_next, trans
 
 
-_STEPS: dict[str, Callable] = {"summary": _step_summary, "state": _step_state, "out": _step_out,
-                               "gsummary": _step_gsummary, "grad": _step_grad}
+def _block_grad(g: torch.Tensor, a_next: torch.Tensor, states: torch.Tensor, dt: torch.Tensor,
+                u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, gy: torch.Tensor,
+                g_A: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Reverse over a block: g_t = dL/dh_t = gy_t C_t + a_{t+1} g_{t+1}, then its gradients.
+
+    With a = exp(delta A) and x = delta u B: dL/d(delta A) = g h_{t-1} a and dL/dx = g.
+    ``states`` are the entering state and the block's states (S + 1). Returns (g and a of the
+    block's first step, g_delta, g_u, g_A accumulated, g_B, g_C), per step (S, ...).
+    """
+    a = torch.exp(dt.unsqueeze(-2) * A)
+    e = gy.unsqueeze(-2) * C.unsqueeze(-1)
+    gs = []
+    for i in reversed(range(a.shape[0])):
+        g = torch.addcmul(e[i], a_next, g)
+        a_next = a[i]
+        gs.append(g)
+    G = torch.stack(gs[::-1])
+    g_dA = G * states[:-1] * a
+    g_xb = (B.unsqueeze(-2) @ G).squeeze(-2)
+    g_delta = (g_dA * A).sum(-2) + g_xb * u
+    g_A = g_A + (g_dA * dt.unsqueeze(-2)).sum(0)
+    g_B = (G @ (dt * u).unsqueeze(-1)).squeeze(-1)
+    g_C = (states[1:] @ gy.unsqueeze(-1)).squeeze(-1)
+    return g, a_next, g_delta, g_xb * dt, g_A, g_B, g_C
+
+
+_BLOCKS: dict[str, Callable] = {"summary": _block_summary, "states": _block_states, "out": _block_out,
+                                "gsummary": _block_gsummary, "grad": _block_grad}
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_FAILED = False
 
 
-def _step(name: str, use_compile: bool, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Run one step function eagerly, or compiled (one fused kernel) on CUDA; a compiler
-    failure falls back to eager for good, silently (eager is always correct)."""
+def _block(name: str, use_compile: bool, *args: object) -> tuple[torch.Tensor, ...]:
+    """Run one block function eagerly, or compiled (fused kernels) on CUDA; a compiler failure
+    falls back to eager for good, silently (eager is always correct)."""
     global _COMPILE_FAILED
-    if (use_compile and not _COMPILE_FAILED and args[0].device.type == "cuda"
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+    first = args[0]
+    if (use_compile and not _COMPILE_FAILED and isinstance(first, torch.Tensor)
+            and first.device.type == "cuda" and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()):
         try:
             if name not in _COMPILED:
-                _COMPILED[name] = torch.compile(_STEPS[name], dynamic=False)
+                _COMPILED[name] = torch.compile(_BLOCKS[name], dynamic=False)
             return _COMPILED[name](*args)
         except Exception:  # noqa: BLE001 - any compiler problem
             _COMPILE_FAILED = True
-    return _STEPS[name](*args)
+    return _BLOCKS[name](*args)
+
+
+#: Steps per block: the recurrence runs one step at a time, everything else per block.
+BLOCK = 4
 
 
 class _Steps:
-    """The scan's inputs in step layout, and the chunk-entering states (forward carries)."""
+    """The scan's inputs in step layout, cut into blocks of steps."""
 
     def __init__(self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, chunk: int, use_compile: bool) -> None:
@@ -302,9 +337,13 @@ class _Steps:
         self.dt = _to_steps(delta, size)
         self.B = _to_steps(B, size)  # (T, c, b, g, n)
         self.C = _to_steps(C, size)
-        self.A = A.view(1, 1, g, per, A.shape[-1])
+        self.A = A.transpose(-1, -2).contiguous().view(1, 1, g, A.shape[-1], per)
         self.chunks = self.u.shape[1]
-        self.state_shape = (self.chunks, b, g, per, A.shape[-1])
+        self.state_shape = (self.chunks, b, g, A.shape[-1], per)
+        self.blocks = [slice(t, min(t + BLOCK, size)) for t in range(0, size, BLOCK)]
+
+    def run(self, name: str, *args: object) -> tuple[torch.Tensor, ...]:
+        return _block(name, self.jit, *args)
 
     def carries(self) -> torch.Tensor:
         """State entering each chunk: chunk summaries from zero, then carried chunk to chunk."""
@@ -312,29 +351,26 @@ class _Steps:
         if self.chunks == 1:
             return h
         prod = torch.ones_like(h)
-        for t in range(self.size):
-            h, prod = _step("summary", self.jit, h, prod, self.dt[t], self.u[t], self.A, self.B[t])
+        for s in self.blocks:
+            h, prod = self.run("summary", h, prod, self.dt[s], self.u[s], self.A, self.B[s])
         carry = [torch.zeros_like(h[0])]
         for c in range(self.chunks - 1):
             carry.append(torch.addcmul(h[c], prod[c], carry[-1]))
         return torch.stack(carry)
 
     def grad_carries(self, gy: torch.Tensor) -> torch.Tensor:
-        """Per chunk, a_{T} g_{T} from the next chunk (what its last step receives)."""
+        """Per chunk, a_T g_T from the next chunk (what its last step receives)."""
         if self.chunks == 1:
             return self.u.new_zeros(self.state_shape)
         g = self.u.new_zeros(self.state_shape)
-        a = torch.ones_like(g)
-        trans = torch.ones_like(g)  # product of a_1 .. a_{T-1} inside each chunk
-        for t in reversed(range(self.size)):
-            if t < self.size - 1:
-                trans = trans * a
-            g, a = _step("gsummary", self.jit, g, a, self.dt[t], self.A, self.C[t], gy[t])
+        a, trans = torch.ones_like(g), torch.ones_like(g)
+        for s in reversed(self.blocks):
+            g, a, trans = self.run("gsummary", g, a, trans, self.dt[s], self.A, self.C[s], gy[s],
+                                   s.start == 0)
         # g: each chunk's g at its first step from a zero carry; a: that step's decay.
         carry = [torch.zeros_like(g[0])]
         for c in range(self.chunks - 1, 0, -1):
-            first = torch.addcmul(g[c], trans[c], carry[-1])
-            carry.append(a[c] * first)
+            carry.append(a[c] * torch.addcmul(g[c], trans[c], carry[-1]))
         return torch.stack(carry[::-1])
 
 
@@ -343,9 +379,9 @@ def _core_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     """y_t = <C_t, h_t> (token-major, post-softplus delta, A (g, d/g, n)): (b, g, L, d/g)."""
     s = _Steps(u, delta, A, B, C, chunk, use_compile)
     h, ys = s.carries(), []
-    for t in range(s.size):
-        h, y = _step("out", use_compile, h, s.dt[t], s.u[t], s.A, s.B[t], s.C[t])
-        ys.append(y)
+    for blk in s.blocks:
+        h, y = s.run("out", h, s.dt[blk], s.u[blk], s.A, s.B[blk], s.C[blk])
+        ys.extend(y.unbind(0))
     return _from_steps(ys, s.length)
 
 
@@ -355,23 +391,20 @@ def _core_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     """Gradients of :func:`_core_forward` w.r.t. (u, delta, A, B, C), states recomputed."""
     s = _Steps(u, delta, A, B, C, chunk, use_compile)
     g_steps = _to_steps(gy, s.size)
-    states = [s.carries()]  # states[t + 1] = h_t
-    for t in range(s.size):
-        states.append(_step("state", use_compile, states[-1], s.dt[t], s.u[t], s.A, s.B[t]))
+    states, h = [], s.carries()  # per block: entering state + its states
+    for blk in s.blocks:
+        states.append(s.run("states", h, s.dt[blk], s.u[blk], s.A, s.B[blk]))
+        h = states[-1][-1]
     g, a = s.grad_carries(g_steps), torch.ones(s.state_shape, dtype=u.dtype, device=u.device)
-    g_delta, g_u, g_B, g_C = [], [], [], []
     g_A = torch.zeros_like(g)  # summed over chunks and batch at the end
-    for t in reversed(range(s.size)):
-        h = states.pop()
-        g, a, gd, gu, g_A, gb, gc = _step("grad", use_compile, g, a, states[-1], h, s.dt[t], s.u[t],
-                                          s.A, s.B[t], s.C[t], g_steps[t], g_A)
-        g_delta.append(gd)
-        g_u.append(gu)
-        g_B.append(gb)
-        g_C.append(gc)
-    n = s.length
-    return (_from_steps(g_u[::-1], n), _from_steps(g_delta[::-1], n), g_A.sum((0, 1)),
-            _from_steps(g_B[::-1], n), _from_steps(g_C[::-1], n))
+    grads: list[list[torch.Tensor]] = [[], [], [], []]  # delta, u, B, C per block, reversed
+    for blk in reversed(s.blocks):
+        g, a, gd, gu, g_A, gb, gc = s.run("grad", g, a, states.pop(), s.dt[blk], s.u[blk], s.A,
+                                          s.B[blk], s.C[blk], g_steps[blk], g_A)
+        for acc, part in zip(grads, (gd, gu, gb, gc), strict=True):
+            acc.extend(part.unbind(0)[::-1])
+    g_delta, g_u, g_B, g_C = (_from_steps(acc[::-1], s.length) for acc in grads)
+    return g_u, g_delta, g_A.sum((0, 1)).transpose(-1, -2), g_B, g_C
 
 
 class _ScanCore(torch.autograd.Function):
