@@ -48,6 +48,10 @@ class Protocol(_Strict):
     batch_size: int | None = None  # None: each method's own
     seeds: list[int] = [42]
     pretrained: bool = True
+    # Random encoders only (pretrained: false): "train" estimates their BatchNorm statistics
+    # from the training images before training (see FrozenBackbone.calibrate); "init" keeps
+    # the init statistics, under which a random encoder's deep stages fade out.
+    random_encoder_bn: Literal["train", "init"] = "train"
     checkpoint_every: int = Field(1, ge=1)
     eval_batch_size: int = 16
     workers: int | Literal["auto"] = "auto"
@@ -326,6 +330,7 @@ def resolve_run(params: Params, run: Run) -> dict[str, Any]:
         "seed": run.seed,
         "model": model,
         "image_size": proto.image_size,
+        "encoder_bn": "pretrained" if proto.pretrained else proto.random_encoder_bn,
         "epochs": proto.epochs[run.dataset],
         "batch_size": batch,
         "eval_batch_size": proto.eval_batch_size,

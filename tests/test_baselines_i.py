@@ -13,6 +13,7 @@ from omniad.complexity import count_flops, count_params
 from omniad.models.baselines.rd4ad import RD4AD
 from omniad.models.baselines.rlr import RLR, ReferenceLayer, mca_mask, nsa_mask
 from omniad.models.baselines.uniad import UniAD, neighbour_mask
+from omniad.models.encoder import calibrate_random_backbones
 
 
 def n_trainable(m: torch.nn.Module) -> int:
@@ -259,10 +260,12 @@ def train_on_demo(method: str, demo_cache: Path, epochs: int) -> dict[str, float
     batch, optim = cfg["batch_size"], cfg["optim"]
     steps = epochs * (len(train) // batch)
     opts, scheds = model.configure_optimizers(optim, steps)
+    images = torch.stack([train[i]["image"] for i in range(len(train))])
+    calibrate_random_backbones(model, images.split(16))  # as the engine does (demo protocol)
     model.train()
     for epoch in range(epochs):
         for idx in epoch_batches(len(train), batch, cfg["seed"], epoch):
-            loss = model.training_step(torch.stack([train[i]["image"] for i in idx]), 0)["loss"]
+            loss = model.training_step(images[idx], 0)["loss"]
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()

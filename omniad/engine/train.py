@@ -28,6 +28,7 @@ from omniad.engine.checkpoint import (
 from omniad.engine.progress import Progress
 from omniad.engine.runtime import Runtime
 from omniad.models.base import ADMethod
+from omniad.models.encoder import calibrate_random_backbones
 
 
 class StopFlag:
@@ -55,6 +56,17 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=gen).tolist()
     return [perm[i * batch:(i + 1) * batch] for i in range(n // batch)]
+
+
+def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime) -> None:
+    """Random encoders' BatchNorm statistics from all training images, in index order (so a
+    pure function of the data); saved with the weights, hence also on resume and at test."""
+    loader = DataLoader(dataset, batch_size=cfg["eval_batch_size"], shuffle=False,
+                        num_workers=rt.workers)
+    batches = (item["image"].to(rt.device) for item in loader)
+    count = calibrate_random_backbones(model, batches)
+    print(f"[train] {cfg['run']}: BatchNorm statistics of {count} random encoder(s) estimated "
+          f"from {len(dataset)} training images", flush=True)
 
 
 def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
@@ -90,6 +102,8 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         history, elapsed = state["history"], state["elapsed_s"]
         print(f"[train] {cfg['run']}: resuming at epoch {start_epoch} iteration {start_iter}",
               flush=True)
+    elif cfg.get("encoder_bn") == "train":
+        calibrate(model, dataset, cfg, rt)
 
     def save(epoch: int, it: int, epoch_losses: list[float]) -> None:
         atomic_torch_save({

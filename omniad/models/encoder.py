@@ -8,6 +8,7 @@ or ``False`` (random init, which only the demo protocol uses and its report stat
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import timm
@@ -76,11 +77,65 @@ def resolve_weights(arch: str, pretrained: str | bool | None) -> tuple[str, Path
     return name, hit
 
 
-class FrozenEncoder(nn.Module):
+class FrozenBackbone(nn.Module):
+    """Base of the frozen feature extractors: no gradients, always in eval mode.
+
+    ``train()`` is a no-op for it, so BatchNorm statistics are never updated by training. A
+    random (demo) backbone can have them estimated once from normal training images with
+    :func:`calibrate_random_backbones`: a random network's BatchNorm keeps its init statistics (mean 0, var 1),
+    under which activations shrink stage after stage (a random EfficientNet-B4's stage 3 has a
+    mean token norm of 0.011), and the deep features a method reconstructs carry no signal.
+    """
+
+    body: nn.Module
+    pretrained: str
+
+    def train(self, mode: bool = True) -> FrozenBackbone:  # noqa: D102 - stays in eval mode
+        super().train(False)
+        return self
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.body(x)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [f.detach() for f in self._features(x)]
+
+
+@torch.no_grad()
+def calibrate_random_backbones(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Set the BatchNorm running statistics of every random :class:`FrozenBackbone` in
+    ``model`` to the exact mean and variance over ``batches`` (a cumulative average, not a
+    momentum one), in one pass; returns the number of backbones calibrated.
+
+    Only random backbones are touched: pretrained statistics are part of the weights.
+    """
+    targets = [m for m in model.modules() if isinstance(m, FrozenBackbone) and m.pretrained == "random"]
+    norms = [n for m in targets for n in m.body.modules() if isinstance(n, nn.modules.batchnorm._BatchNorm)]
+    momenta = [n.momentum for n in norms]
+    for n in norms:
+        n.reset_running_stats()
+        n.momentum = None
+    try:
+        for m in targets:
+            m.body.train()
+        with torch.random.fork_rng(devices=[]):  # no RNG draw leaks into training
+            for x in batches:
+                for m in targets:
+                    m._features(x)
+    finally:
+        for m in targets:
+            m.body.eval()
+        for n, mom in zip(norms, momenta, strict=True):
+            n.momentum = mom
+    return len(targets)
+
+
+class FrozenEncoder(FrozenBackbone):
     """A timm ``features_only`` backbone that stays frozen and in eval mode.
 
-    Frozen means: no gradients, BatchNorm statistics never updated (``train()`` is a no-op for
-    it), features detached, so the optimizer and the loss can never touch it.
+    Frozen means: no gradients, BatchNorm statistics never updated by training, features
+    detached, so the optimizer and the loss can never touch it.
     """
 
     def __init__(
@@ -102,11 +157,3 @@ class FrozenEncoder(nn.Module):
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.body.eval()
-
-    def train(self, mode: bool = True) -> FrozenEncoder:  # noqa: D102 - stays in eval mode
-        super().train(False)
-        return self
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [f.detach() for f in self.body(x)]

@@ -80,9 +80,12 @@ FACTS: list[dict[str, str]] = [
      "paper": "Pretrained ResNet34, 256 x 256 images, MVTec-AD / VisA / Real-IAD.",
      "released": "Same as the paper.",
      "ours": "Runs on CPU in minutes on an embedded synthetic set: no pretrained weights can be "
-             "fetched offline, so the encoder is random, and images are small. Its numbers "
-             "check the pipeline, not the paper.",
-     "switch": "protocol `demo` (params/protocols.yaml: `pretrained: false`, `image_size`)"},
+             "fetched offline, so the encoder is random, and images are small. The random "
+             "encoder's BatchNorm statistics are estimated from the training images before "
+             "training (with its init statistics its deep stages fade to almost nothing). Its "
+             "numbers check the pipeline, not the paper.",
+     "switch": "protocol `demo` (params/protocols.yaml: `pretrained: false`, `image_size`, "
+               "`random_encoder_bn: train | init`)"},
 ]
 
 
@@ -120,8 +123,10 @@ def caveats(col: Collection) -> list[TeX]:
     weights = encoder_weights(col)
     if not proto.pretrained or "random" in weights:
         seen = f" (runs: {', '.join(weights)})" if weights else ""
-        out.append(TeX("Randomly initialised encoder: no pretrained weights can be fetched "
-                       f"offline{escape(seen)}."))
+        bn = ("its BatchNorm statistics estimated from the training images"
+              if proto.random_encoder_bn == "train" else "its BatchNorm statistics left at init")
+        out.append(TeX("Randomly initialised encoder, " + bn + ": no pretrained weights can be "
+                       f"fetched offline{escape(seen)}."))
     if proto.image_size != PAPER_IMAGE_SIZE:
         out.append(TeX(rf"Images of {proto.image_size}$\times${proto.image_size}\,px, not "
                        rf"{PAPER_IMAGE_SIZE}$\times${PAPER_IMAGE_SIZE}."))

@@ -41,7 +41,7 @@ from torch import nn
 
 from omniad.anomaly_map import gaussian_smooth, max_score, to_numpy_maps
 from omniad.models.base import ADMethod
-from omniad.models.encoder import resolve_weights
+from omniad.models.encoder import FrozenBackbone, resolve_weights
 
 
 class SimpleNetConfig(BaseModel):
@@ -75,7 +75,7 @@ class SimpleNetConfig(BaseModel):
         return False if v in (None, "false", "False", "none") else v
 
 
-class FrozenTrunk(nn.Module):
+class FrozenTrunk(FrozenBackbone):
     """A timm ResNet run up to its last needed stage, frozen (no grad, always eval).
 
     ``hold_full`` keeps the unused later stage and the classifier registered, as the official
@@ -100,15 +100,9 @@ class FrozenTrunk(nn.Module):
             p.requires_grad_(False)
         self.body.eval()
 
-    def train(self, mode: bool = True) -> FrozenTrunk:  # noqa: D102 - stays in eval mode
-        super().train(False)
-        return self
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.body.forward_intermediates(x, indices=self.indices, stop_early=True,
-                                                intermediates_only=True)
-        return [f.detach() for f in feats]
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.body.forward_intermediates(x, indices=self.indices, stop_early=True,
+                                               intermediates_only=True)
 
 
 def _xavier(m: nn.Module) -> None:
