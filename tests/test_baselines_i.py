@@ -261,7 +261,7 @@ def train_on_demo(method: str, demo_cache: Path, epochs: int) -> dict[str, float
     steps = epochs * (len(train) // batch)
     opts, scheds = model.configure_optimizers(optim, steps)
     images = torch.stack([train[i]["image"] for i in range(len(train))])
-    calibrate_random_backbones(model, images.split(16))  # as the engine does (demo protocol)
+    calibrate_random_backbones(model, images)  # as the engine does (demo protocol)
     model.train()
     for epoch in range(epochs):
         for idx in epoch_batches(len(train), batch, cfg["seed"], epoch):

@@ -367,7 +367,7 @@ def _train_and_score(model, optim: dict, cache: Path, epochs: int, batch: int = 
     images = torch.stack([train[i]["image"] for i in range(len(train))])
     steps = len(train) // batch
     optimizers, schedulers = model.configure_optimizers(optim, epochs * steps)
-    calibrate_random_backbones(model, images.split(16))  # as the engine does (demo protocol)
+    calibrate_random_backbones(model, images)  # as the engine does (demo protocol)
     torch.manual_seed(42)  # noise, drop path and synthetic anomalies
     model.train()
     for epoch in range(epochs):

@@ -58,15 +58,20 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
     return [perm[i * batch:(i + 1) * batch] for i in range(n // batch)]
 
 
+#: At most this many training images (evenly spaced, so every category) calibrate a random
+#: encoder: one batch, so memory grows with it.
+CALIBRATION_IMAGES = 256
+
+
 def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime) -> None:
-    """Random encoders' BatchNorm statistics from all training images, in index order (so a
-    pure function of the data); saved with the weights, hence also on resume and at test."""
-    loader = DataLoader(dataset, batch_size=cfg["eval_batch_size"], shuffle=False,
-                        num_workers=rt.workers)
-    batches = (item["image"].to(rt.device) for item in loader)
-    count = calibrate_random_backbones(model, batches)
+    """Random encoders' BatchNorm statistics from training images (a pure function of the
+    data); saved with the weights, hence also used on resume and at test time."""
+    n = len(dataset)
+    idx = torch.linspace(0, n - 1, min(n, CALIBRATION_IMAGES)).round().long().unique().tolist()
+    images = torch.stack([dataset[i]["image"] for i in idx]).to(rt.device)
+    count = calibrate_random_backbones(model, images)
     print(f"[train] {cfg['run']}: BatchNorm statistics of {count} random encoder(s) estimated "
-          f"from {len(dataset)} training images", flush=True)
+          f"from {len(idx)} training images", flush=True)
 
 
 def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
