@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from omniad.codehash import train_code
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -326,6 +328,7 @@ def resolve_run(params: Params, run: Run) -> dict[str, Any]:
         "dataset": run.dataset,
         "method": run.method,
         "builder": spec.builder,
+        "code": train_code(spec.builder),  # what training runs: an edit retrains (codehash.py)
         "variant": run.variant,
         "seed": run.seed,
         "model": model,

@@ -9,12 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
+
+# Mean image AU-ROC over the 4 categories after the demo budget (4 epochs, random encoder with
+# BatchNorm statistics from the training images, 64 px; chance is 0.5, each category has 8
+# normal and 8 defective test images). Observed on 2 cores: every Omni-AD variant 0.72-0.74
+# (pixel 0.89-0.90), RD4AD 0.82, UniAD 0.69, RLR 0.71. MambaAD, SimpleNet and DeSTSeg need
+# more steps than 4 epochs give them (0.47 / 0.46 / 0.54 here): tests/test_baselines_ii.py
+# trains them longer.
+BEATS_CHANCE = {"rd4ad": 0.7, "uniad": 0.6, "rlr": 0.6}
 
 
 def _env() -> dict[str, str]:
@@ -45,9 +54,16 @@ def test_demo_dag_products_and_second_repro_is_noop() -> None:
     if shutil.which("pdflatex"):
         assert (reports / "report.pdf").stat().st_size > 10_000
     runs = enumerate_runs(load_params(), "demo")
+    image = {}
     for run in runs:
         metrics = json.loads((run.dir() / "metrics.json").read_text())
         assert 0.0 <= metrics["mean"]["mad"] <= 1.0
+        assert metrics["meta"]["encoder_weights"] == "random"
+        image[run.method, run.variant] = metrics["mean"]["image_auroc"]
+    omni = [v for (m, _), v in image.items() if m == "omniad"]
+    assert len(omni) == 15 and min(omni) > 0.62 and np.mean(omni) > 0.68, image
+    for method, floor in BEATS_CHANCE.items():
+        assert image[method, "default"] > floor, (method, image[method, "default"])
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{REPO / 'mlruns.db'}")

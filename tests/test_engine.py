@@ -45,6 +45,8 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tiny_env, tmp_path) -> N
     resumed = omniad("train", KEY, env=tiny_env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at epoch 1 iteration" in resumed.stdout
+    # the random encoder was calibrated once, before training; the resumed run loads it
+    assert "BatchNorm statistics" in done.stdout and "BatchNorm statistics" not in resumed.stdout
     a = torch.load(run_dir(ref_env) / "model.pt", weights_only=False)["model"]
     b = torch.load(run_dir(tiny_env) / "model.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -107,24 +109,3 @@ def test_unreachable_tracking_server_does_not_fail_the_run(tiny_env) -> None:
     synced = omniad("track", "sync", "--protocol", "tiny", env=tiny_env)
     assert synced.returncode == 0, synced.stderr
     assert json.loads((run_dir(tiny_env) / "tracked.json").read_text())["mlflow_run_ids"]
-
-
-@pytest.mark.slow
-def test_omniad_on_demo_beats_chance_with_the_demo_encoder(tiny_env, tmp_path) -> None:
-    """The demo protocol (random encoder, 64 px), trained longer than the DAG's tiny budget."""
-    import yaml
-
-    params = Path(tiny_env["OMNIAD_PARAMS"])
-    protos = yaml.safe_load((params / "protocols.yaml").read_text())
-    protos["protocols"]["demo"]["epochs"] = {"demo": 20}
-    (params / "protocols.yaml").write_text(yaml.safe_dump(protos, sort_keys=False))
-    key = "demo/demo/omniad/default/42"
-    for cmd in ("train", "evaluate"):
-        res = omniad(cmd, key, env=tiny_env)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    out = Path(tiny_env["OMNIAD_RESULTS"]) / "demo/runs/demo/omniad/default/seed42"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["meta"]["encoder_weights"] == "random"
-    # 10 epochs at batch 8 gave image 0.70 / pixel 0.88 (0.51-0.87 per category) on 2 cores
-    assert metrics["mean"]["image_auroc"] > 0.62, metrics["per_category"]
-    assert metrics["mean"]["pixel_auroc"] > 0.8, metrics["per_category"]

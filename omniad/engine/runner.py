@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from omniad.atomic import write_json_atomic
+from omniad.codehash import evaluate_code
 from omniad.data.cache import CachedDataset
 from omniad.engine.checkpoint import load_checkpoint, seed_everything
 from omniad.engine.evaluate import evaluate
@@ -75,6 +76,7 @@ def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
     encoder = getattr(model, "encoder", None)
     meta = {
         "git": git_state(), "config": cfg, "config_hash": rt.config_hash, "seed": cfg["seed"],
+        "evaluate_code": evaluate_code(cfg["builder"]),
         "packages": package_versions(), "runtime": rt.describe(),
         "encoder_weights": getattr(encoder, "pretrained", None),
         "train_wall_s": train_info.get("train_wall_s"),

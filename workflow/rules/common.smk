@@ -2,7 +2,9 @@
 
 import os
 
-from omniad.grid import REPO, cache_dir, data_root, enumerate_runs, results_root, run_dir
+from omniad.codehash import evaluate_code
+from omniad.grid import (REPO, cache_dir, config_hash, data_root, enumerate_runs, resolve_run,
+                         results_root, run_dir)
 
 RUNS = enumerate_runs(PARAMS, PROTOCOL)
 SIZE = PROTO.image_size
@@ -38,4 +40,18 @@ def res(kind, field):
 
 def run_key(wc):
     return f"{PROTOCOL}/{wc.dataset}/{wc.method}/{wc.variant}/{wc.seed}"
+
+
+RUN_BY_KEY = {f"{PROTOCOL}/{r.dataset}/{r.method}/{r.variant}/{r.seed}": r for r in RUNS}
+
+
+def run_config(wc):
+    """Hash of the run's resolved config, which includes the code training runs
+    (omniad/codehash.py): as a rule param, any change to either reruns the job."""
+    return config_hash(resolve_run(PARAMS, RUN_BY_KEY[run_key(wc)]))
+
+
+def eval_code(wc):
+    """Hash of the code evaluation runs (metrics, maps): a change re-evaluates, no retraining."""
+    return evaluate_code(PARAMS.methods[wc.method].builder)
 REPO_REPORTS = REPO / "reports"

@@ -1,6 +1,9 @@
 # One training job and one evaluation job per (dataset, method, variant, seed) of the grid.
 # Training is requeue-aware: on SIGTERM/SIGUSR1 it checkpoints and exits 75; a retry (the
 # profile's `retries`) or a Slurm requeue resumes from the checkpoint (omniad/engine/train.py).
+# The `config` / `code` params are hashes of the resolved run config and of the code each job
+# runs: Snakemake reruns a job whose params changed, so editing params/ or a model file reruns
+# exactly the runs it affects (with `dvc repro` too).
 
 
 rule train:
@@ -10,6 +13,7 @@ rule train:
         run_file("model.pt"),
     params:
         key=run_key,
+        config=run_config,
     threads: res("train", "cpus")
     resources:
         gpu=res("train", "gpu"),
@@ -31,6 +35,8 @@ rule evaluate:
         run_file("metrics.json"),
     params:
         key=run_key,
+        config=run_config,
+        code=eval_code,
     threads: res("train", "cpus")
     resources:
         gpu=res("train", "gpu"),
