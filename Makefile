@@ -15,12 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	rm -f $(VENV)/.installed-*; touch $@
 
+# One pytest worker per core (pytest-xdist): the unit tests are mostly single-threaded, and the
+# end-to-end tests (the demo DAG, the long trainings) fill both cores between them.
 test: venv
 	$(BIN)/ruff check omniad tests benchmarks workflow
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 test-fast: venv
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n auto -m "not slow"
 
 demo: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --config protocol=demo

@@ -397,12 +397,17 @@ def _train_and_score(model, optim: dict, cache: Path, epochs: int, batch: int = 
 # numbers per budget are in the method files' report notes (see the helper's report).
 @pytest.mark.slow
 def test_simplenet_beats_chance_on_the_demo_set(demo_cache: Path) -> None:
-    """8 epochs (128 steps): observed mean image AU-ROC 0.65, pixel 0.83 (3 epochs: 0.58)."""
+    """The demo configuration, 8 epochs at batch 8 (128 steps): observed mean image AU-ROC 0.79
+    (0.54 with the released noise 0.015, see params/methods/simplenet.yaml)."""
+    from omniad.grid import load_params
+
     torch.manual_seed(0)
-    model = SimpleNet(pretrained=False, map_sigma=1.0)
+    demo = load_params().methods["simplenet"].protocol_overrides["demo"]
+    assert demo == {"map_sigma": 1.0, "noise_std": 0.1}
+    model = SimpleNet(pretrained=False, **demo)
     optim = {**OPTIM["simplenet"], "schedule": {"name": "step", "at": 0.8, "gamma": 0.1}}
     aurocs = _train_and_score(model, optim, demo_cache / "demo-64", epochs=8)
-    assert np.mean(list(aurocs.values())) > 0.57, aurocs
+    assert np.mean(list(aurocs.values())) > 0.65, aurocs
 
 
 @pytest.mark.slow
@@ -413,6 +418,7 @@ def test_mambaad_beats_chance_on_the_demo_set(demo_cache: Path) -> None:
     model = MambaAD(pretrained=False, **DEMO_MAMBAAD, map_sigma=1.0)
     optim = {**OPTIM["mambaad"], "lr": 2.5e-3, "schedule": {"name": "step", "at": 0.8, "gamma": 0.1}}
     aurocs = _train_and_score(model, optim, demo_cache / "demo-64", epochs=8)
+    print("mambaad", aurocs)
     assert np.mean(list(aurocs.values())) > 0.6, aurocs
 
 
@@ -425,4 +431,5 @@ def test_destseg_beats_chance_on_the_demo_set(demo_cache: Path) -> None:
     model = DeSTSeg(pretrained=False, textures="package")
     optim = {**OPTIM["destseg"], "schedule": {"name": "step", "at": 0.8, "gamma": 0.1}}
     aurocs = _train_and_score(model, optim, demo_cache / "demo-64", epochs=16)
+    print("destseg", aurocs)
     assert np.mean(list(aurocs.values())) > 0.62, aurocs
