@@ -23,6 +23,7 @@ from omniad.grid import (
     resolve_run,
 )
 from omniad.models.base import ADMethod
+from omniad.models.encoder import FrozenBackbone
 
 
 def build_model(cfg: dict[str, Any]) -> ADMethod:
@@ -73,12 +74,13 @@ def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
     seed_everything(cfg["seed"])  # the released FFN draws random weights at test time too
     result = evaluate(model, dataset, cfg, rt, samples_path=run_dir / "samples.npz")
     train_info = _read_json(run_dir / "train.json")
-    encoder = getattr(model, "encoder", None)
+    # every frozen backbone (an encoder, RD4AD's teacher, SimpleNet's trunk): its weights' tag
+    weights = sorted({m.pretrained for m in model.modules() if isinstance(m, FrozenBackbone)})
     meta = {
         "git": git_state(), "config": cfg, "config_hash": rt.config_hash, "seed": cfg["seed"],
         "evaluate_code": evaluate_code(cfg["builder"]),
         "packages": package_versions(), "runtime": rt.describe(),
-        "encoder_weights": getattr(encoder, "pretrained", None),
+        "encoder_weights": "+".join(weights) if weights else None,
         "train_wall_s": train_info.get("train_wall_s"),
         "train_images_per_s": train_info.get("train_images_per_s"),
         "eval_wall_s": result["eval_wall_s"], "test_images_per_s": result["test_images_per_s"],
