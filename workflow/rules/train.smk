@@ -47,3 +47,11 @@ rule evaluate:
         run_file("evaluate.log"),
     shell:
         "OMP_NUM_THREADS={threads} omniad evaluate {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+
+
+rule metrics:
+    """Every run of the grid trained and evaluated: the DVC train stage's target (unlike
+    `--until evaluate`, it regenerates a missing metrics.json even when the report exists)."""
+    localrule: True
+    input:
+        all_metrics(),
