@@ -393,8 +393,8 @@ def _train_and_score(model, optim: dict, cache: Path, epochs: int, batch: int = 
             for c in dict.fromkeys(cats.tolist())}
 
 
-# Budgets and thresholds observed on the demo set (seed 0 init, batch 8, 64 px, one CPU thread);
-# numbers per budget are in the method files' report notes (see the helper's report).
+# Budgets and thresholds observed on the demo set (seed 0 init, batch 8, 64 px, one CPU thread,
+# random encoders calibrated as the engine does).
 @pytest.mark.slow
 def test_simplenet_beats_chance_on_the_demo_set(demo_cache: Path) -> None:
     """The demo configuration, 8 epochs at batch 8 (128 steps): observed mean image AU-ROC 0.79
@@ -412,21 +412,20 @@ def test_simplenet_beats_chance_on_the_demo_set(demo_cache: Path) -> None:
 
 @pytest.mark.slow
 def test_mambaad_beats_chance_on_the_demo_set(demo_cache: Path) -> None:
-    """The demo configuration, 8 epochs (128 steps): observed mean image AU-ROC 0.70 (6 epochs:
-    0.57, 10 epochs: 0.69)."""
+    """The demo configuration, 8 epochs (128 steps): observed mean image AU-ROC 0.86 (0.70-0.98
+    per category); at the DAG's 4 epochs (batch 16) 0.47."""
     torch.manual_seed(0)
     model = MambaAD(pretrained=False, **DEMO_MAMBAAD, map_sigma=1.0)
     optim = {**OPTIM["mambaad"], "lr": 2.5e-3, "schedule": {"name": "step", "at": 0.8, "gamma": 0.1}}
     aurocs = _train_and_score(model, optim, demo_cache / "demo-64", epochs=8)
     print("mambaad", aurocs)
-    assert np.mean(list(aurocs.values())) > 0.6, aurocs
+    assert np.mean(list(aurocs.values())) > 0.7, aurocs
 
 
 @pytest.mark.slow
 def test_destseg_beats_chance_on_the_demo_set(demo_cache: Path) -> None:
     """Package textures, 16 epochs (256 steps, 51 of them the student's): observed mean image
-    AU-ROC 0.79, pixel 0.85. Below that the head is barely trained (8 epochs: 0.52, 12: 0.47;
-    20: 0.72, 24: 0.92)."""
+    AU-ROC 0.75 (0.68-0.91 per category); at the DAG's 4 epochs (batch 32) 0.54."""
     torch.manual_seed(0)
     model = DeSTSeg(pretrained=False, textures="package")
     optim = {**OPTIM["destseg"], "schedule": {"name": "step", "at": 0.8, "gamma": 0.1}}
