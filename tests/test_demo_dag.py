@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 # Mean image AU-ROC over the 4 categories after the demo budget (4 epochs, random encoder with
 # BatchNorm statistics from the training images, 64 px; chance is 0.5, each category has 8
-# normal and 8 defective test images). Observed on 2 cores (same numbers on two machines):
+# normal and 8 defective test images). Observed on 2 cores (identical in two separate runs):
 # Omni-AD variants 0.68-0.79, mean 0.74 (pixel 0.84-0.92), RD4AD 0.82, UniAD 0.69, RLR 0.71.
 # MambaAD, SimpleNet and DeSTSeg need more steps than 4 epochs give them (0.47 / 0.44 / 0.54
 # here): tests/test_baselines_ii.py trains them longer.
