@@ -16,14 +16,12 @@ from functools import cache
 from pathlib import Path
 
 PACKAGE = "omniad"
+ROOT = Path(__file__).resolve().parent
 #: What every training run executes besides its method's module (the loop and the data).
 TRAIN_ENTRY = ("omniad.engine.train", "omniad.data.cache")
 #: What every evaluation executes besides its method's module.
 EVALUATE_ENTRY = ("omniad.engine.evaluate", "omniad.metrics", "omniad.anomaly_map",
                   "omniad.data.cache")
-
-
-ROOT = Path(__file__).resolve().parent
 
 
 @cache

@@ -51,7 +51,7 @@ class Protocol(_Strict):
     seeds: list[int] = [42]
     pretrained: bool = True
     # Random encoders only (pretrained: false): "train" estimates their BatchNorm statistics
-    # from the training images before training (see FrozenBackbone.calibrate); "init" keeps
+    # from the training images before training (calibrate_random_backbones); "init" keeps
     # the init statistics, under which a random encoder's deep stages fade out.
     random_encoder_bn: Literal["train", "init"] = "train"
     checkpoint_every: int = Field(1, ge=1)

@@ -90,6 +90,18 @@ class FrozenBackbone(nn.Module):
     body: nn.Module
     pretrained: str
 
+    def _load(self, arch: str, pretrained: str | bool | None, **timm_kwargs: object) -> None:
+        """Build ``body`` from timm with locally resolved weights (or random), frozen."""
+        name, weights = resolve_weights(arch, pretrained)
+        if weights is not None:
+            timm_kwargs |= {"pretrained": True, "pretrained_cfg_overlay":
+                            {"file": str(weights), "hf_hub_id": None, "url": None}}
+        self.body = timm.create_model(name, **timm_kwargs)
+        self.pretrained = str(pretrained) if pretrained else "random"
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+        self.body.eval()
+
     def train(self, mode: bool = True) -> FrozenBackbone:  # noqa: D102 - stays in eval mode
         super().train(False)
         return self
@@ -149,15 +161,6 @@ class FrozenEncoder(FrozenBackbone):
         pretrained: str | bool | None = True,
     ) -> None:
         super().__init__()
-        name, weights = resolve_weights(arch, pretrained)
-        kwargs: dict = {"features_only": True, "out_indices": out_indices}
-        if weights is not None:
-            kwargs["pretrained"] = True
-            kwargs["pretrained_cfg_overlay"] = {"file": str(weights), "hf_hub_id": None, "url": None}
-        self.body = timm.create_model(name, **kwargs)
-        self.pretrained = str(pretrained) if pretrained else "random"
+        self._load(arch, pretrained, features_only=True, out_indices=out_indices)
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
-        for p in self.body.parameters():
-            p.requires_grad_(False)
-        self.body.eval()

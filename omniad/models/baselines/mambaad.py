@@ -255,6 +255,18 @@ def _block_out(h: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tens
     return states[-1], _read(states, C)
 
 
+def _recur_back(g: torch.Tensor, a_next: torch.Tensor, a: torch.Tensor, e: torch.Tensor
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """g_t = e_t + a_{t+1} g_{t+1} backwards over the block's first dim: the reverse pass's only
+    sequential part. Returns the g_t from the block's end to its start, and a of its start."""
+    gs = []
+    for i in reversed(range(a.shape[0])):
+        g = torch.addcmul(e[i], a_next, g)
+        a_next = a[i]
+        gs.append(g)
+    return gs, a_next
+
+
 def _block_gsummary(g: torch.Tensor, a_next: torch.Tensor, trans: torch.Tensor, dt: torch.Tensor,
                     A: torch.Tensor, C: torch.Tensor, gy: torch.Tensor, first: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,12 +276,8 @@ def _block_gsummary(g: torch.Tensor, a_next: torch.Tensor, trans: torch.Tensor, 
     each chunk's first step (a_1 ... a_{T-1}; ``first`` marks the block holding step 0).
     """
     a = torch.exp(dt.unsqueeze(-2) * A)
-    e = gy.unsqueeze(-2) * C.unsqueeze(-1)
-    for i in reversed(range(a.shape[0])):
-        g = torch.addcmul(e[i], a_next, g)
-        a_next = a[i]
-    trans = trans * (a[1:] if first else a).prod(0)
-    return g, a_next, trans
+    gs, a_next = _recur_back(g, a_next, a, gy.unsqueeze(-2) * C.unsqueeze(-1))
+    return gs[-1], a_next, trans * (a[1:] if first else a).prod(0)
 
 
 def _block_grad(g: torch.Tensor, a_next: torch.Tensor, states: torch.Tensor, dt: torch.Tensor,
@@ -282,13 +290,8 @@ def _block_grad(g: torch.Tensor, a_next: torch.Tensor, states: torch.Tensor, dt:
     block's first step, g_delta, g_u, g_A accumulated, g_B, g_C), per step (S, ...).
     """
     a = torch.exp(dt.unsqueeze(-2) * A)
-    e = gy.unsqueeze(-2) * C.unsqueeze(-1)
-    gs = []
-    for i in reversed(range(a.shape[0])):
-        g = torch.addcmul(e[i], a_next, g)
-        a_next = a[i]
-        gs.append(g)
-    G = torch.stack(gs[::-1])
+    gs, a_next = _recur_back(g, a_next, a, gy.unsqueeze(-2) * C.unsqueeze(-1))
+    g, G = gs[-1], torch.stack(gs[::-1])
     g_dA = G * states[:-1] * a
     g_xb = (B.unsqueeze(-2) @ G).squeeze(-2)
     g_delta = (g_dA * A).sum(-2) + g_xb * u

@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,7 +40,7 @@ from torch import nn
 
 from omniad.anomaly_map import gaussian_smooth, max_score, to_numpy_maps
 from omniad.models.base import ADMethod
-from omniad.models.encoder import FrozenBackbone, resolve_weights
+from omniad.models.encoder import FrozenBackbone
 
 
 class SimpleNetConfig(BaseModel):
@@ -85,20 +84,11 @@ class FrozenTrunk(FrozenBackbone):
     def __init__(self, arch: str, indices: tuple[int, ...], pretrained: str | bool,
                  hold_full: bool) -> None:
         super().__init__()
-        name, weights = resolve_weights(arch, pretrained)
-        kwargs: dict[str, Any] = {}
-        if weights is not None:
-            kwargs = {"pretrained": True,
-                      "pretrained_cfg_overlay": {"file": str(weights), "hf_hub_id": None, "url": None}}
-        self.body = timm.create_model(name, **kwargs)
+        self._load(arch, pretrained)
         self.indices = list(indices)
         self.channels = [self.body.feature_info[i]["num_chs"] for i in self.indices]
         if not hold_full:
             self.body.prune_intermediate_layers(self.indices, prune_head=True)
-        self.pretrained = str(pretrained) if pretrained else "random"
-        for p in self.body.parameters():
-            p.requires_grad_(False)
-        self.body.eval()
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.body.forward_intermediates(x, indices=self.indices, stop_early=True,
