@@ -31,8 +31,8 @@ VALUES = {
 COMPLEXITY = [
     {"table": "default", "method": "omniad", "row": "default", "params_m": 29.927, "flops_g": 11.157},
     {"table": "table4", "method": "omniad", "row": "64", "params_m": 29.927, "flops_g": 11.157},
-    {"table": "table7", "method": "omniad", "row": "resnet50", "params_m": 344.684,
-     "flops_g": 105.504},
+    {"table": "table7", "method": "omniad", "row": "resnet50", "params_m": 468.173,
+     "flops_g": 113.71},
 ]
 GIT = {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": True}
 
@@ -176,8 +176,8 @@ def test_ablation_tables(env):
     assert "run not finished" in t2
     t7 = _tex(env, "table7")
     r50, r50p = _row(t7, "resnet50 &")
-    assert r"344.7 & 105.5 & \multicolumn{1}{c}{\textit{not run in this protocol}}" in r50
-    assert r"\paperval{468.0 ($-$26.3\%)}" in r50p
+    assert r"468.2 & 113.7 & \multicolumn{1}{c}{\textit{not run in this protocol}}" in r50
+    assert r"\paperval{468.0 (0.0\%)} & \paperval{114.0 ($-$0.3\%)}" in r50p
     assert r"wide\_resnet50 & wide\_resnet50\_2 &" in t7
     t4 = _tex(env, "table4")
     row64, p64 = _row(t4, "64")
@@ -202,7 +202,7 @@ def test_products(env):
                          "paper_mad,mad_std,mad")
     assert tokens[3] == "64,64,found,2,29.9270,29.9000,11.1570,11.2000,86.4000,1.4142,91.0000"
     backbone = (base / "plots" / "backbone.csv").read_text()
-    assert "resnet50,resnet50,excluded,0,344.6840,468.0000,105.5040,114.0000,85.5000,,\n" in backbone
+    assert "resnet50,resnet50,excluded,0,468.1730,468.0000,113.7100,114.0000,85.5000,,\n" in backbone
     rep = env["root"] / "reports" / P
     for stem in ("qualitative_demo", "ablation_axes", "per_category_demo", "training_demo"):
         assert (rep / "figures" / f"{stem}.pdf").stat().st_size > 0
@@ -212,7 +212,7 @@ def test_products(env):
     assert "Randomly initialised encoder" in tex and "Missing runs" in tex
     cx = (rep / "tables" / "complexity.tex").read_text()
     assert r"-- & Omni-AD (default) & 29.9 & 29.9 & +0.1\% & 11.2 & 11.2 & $-$0.4\% \\" in cx
-    assert r"VII & resnet50 & 344.7 & 468.0 & $-$26.3\% & 105.5 & 114.0 & $-$7.5\% \\" in cx
+    assert r"VII & resnet50 & 468.2 & 468.0 & 0.0\% & 113.7 & 114.0 & $-$0.3\% \\" in cx
     audit = (rep / "tables" / "audit.tex").read_text()
     for fact in "abcdefghij":
         assert f"({fact})~" in audit

@@ -63,9 +63,10 @@ FACTS: list[dict[str, str]] = [
     {"id": "h", "topic": "ResNet50 / WideResNet50 encoders (Table VII)",
      "paper": "468M / 114G and 484M / 121G, no widths given.",
      "released": "Cannot build them: neck and decoder widths are fixed for ResNet18/34.",
-     "ours": "Widths derived by one rule from the encoder's stage widths (c1, c2, c3): neck "
-             "output 2 c3, decoder dims (2 c3, c3, c2, c1). The counts differ from the paper's "
-             "(see the complexity table).",
+     "ours": "A derived construction, matched by counts, not by released code: every channel "
+             "constant of the released neck scaled by c1/64, the Bottlenecks' width per group "
+             "included (inner width 2048 for c1 = 256); decoder dims (2 c3, c3, c2, c1). "
+             "ResNet18/34 keep the released neck exactly (see the complexity table).",
      "switch": "model `backbone` (params/grid.yaml, table7)"},
     {"id": "i", "topic": "Metrics",
      "paper": "AU-ROC, AP, F1-max (image, pixel), AU-PRO, mAD; no computation details.",
