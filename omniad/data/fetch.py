@@ -611,7 +611,9 @@ def fetch_dataset(
         requested = [facts["default_variant"]]
     ours = manifest is not None and manifest.get("dataset") == name
     kept = [v for v in (manifest or {}).get("variants", {}) if ours and v not in requested]
-    specs = archive_specs(name, params, url=url, variants=(requested + kept) or None)
+    order = list(facts.get("variants") or [])
+    every = sorted(requested + kept, key=lambda v: order.index(v) if v in order else len(order))
+    specs = archive_specs(name, params, url=url, variants=every or None)
     if src is not None and src.is_dir() and not any(
         (src / s.name).is_file() or (src / PurePosixPath(s.name).name).is_file() for s in specs
     ):
@@ -691,7 +693,7 @@ def fetch_dataset(
     extra: dict[str, Any] = {"archives": records}
     if facts.get("variants"):
         res = facts.get("resolutions") or {}
-        extra["variants"] = {v: {"resolution": res.get(v)} for v in requested + kept}
+        extra["variants"] = {v: {"resolution": res.get(v)} for v in every}
     tmp = tmp_sibling(root, "tmp")
     try:
         for group in sorted(keep):
