@@ -9,6 +9,7 @@ never half of one.
 
 from __future__ import annotations
 
+import errno
 import lzma
 import os
 import shutil
@@ -664,6 +665,11 @@ def fetch_dataset(
     route = _Route(name, root, downloads_dir, requested if facts.get("variants") else [], params,
                    bool(unknown))
     needed = [(s, e, o) for s, e, o in plan if s.extract_to not in keep]
+    if src is None and needed:  # a download dir we cannot write fails now, not per source
+        downloads_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(downloads_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied (--downloads must be "
+                                  "writable)", str(downloads_dir))
     if src is None and not _has_token(facts) and any(
         s.urls and all(_gated(facts, u) for u in s.urls) and not (downloads_dir / s.name).is_file()
         for s, _, _ in needed
