@@ -312,3 +312,22 @@ def test_unusable_downloads_or_out_is_one_line_exit_2(
                str(blocker / "c"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: {blocker}")
+
+
+def test_extracted_tree_used_in_place_is_never_written(tmp_path: Path) -> None:
+    tree = fx.write_tree(tmp_path / "shared" / "mvtec", fx.mvtec_files())
+    stamp = {p: p.stat().st_mtime_ns for p in tree.rglob("*")}
+    params = fx.mvtec_params()
+    root = tmp_path / "data" / "mvtec_ad"
+    manifest = fetch_dataset("mvtec_ad", root, params, source=tree, in_place=True, log=_quiet)
+    assert {p: p.stat().st_mtime_ns for p in tree.rglob("*")} == stamp  # nothing written
+    assert manifest["source_root"] == str(tree) and (root / "bottle").is_symlink()
+    assert {f["path"] for f in manifest["files"]} == set(fx.mvtec_files())
+    assert check_dataset("mvtec_ad", root, params=params).ok  # hashes compared through links
+    cache = build_cache("mvtec_ad", root, 16, tmp_path / "c", params=params, log=_quiet)
+    assert (cache / KEY_NAME).is_file()
+    # a rerun finds it complete; a changed file in the tree shows up in check
+    assert fetch_dataset("mvtec_ad", root, params, log=_quiet) == manifest
+    (tree / "bottle/train/good/000.png").write_bytes(fx.image_bytes(np.random.default_rng(9)))
+    report = check_dataset("mvtec_ad", root, params=params)
+    assert any("image changed since it was recorded" in p for p in report.problems)
