@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omniad.data.cache import KEY_NAME, build_cache
+from omniad.data.cache import KEY_NAME, CachedDataset, build_cache
 from omniad.data.check import check_dataset
 from omniad.data.cli import main
 from omniad.data.demo import make_demo
@@ -258,6 +258,13 @@ def test_suggested_commands_are_accepted_by_the_parser(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as err:
         fetch_dataset("real_iad", tmp_path / "r", fx.realiad_params(None), log=_quiet)
     assert "--trust-first-download" in str(err.value)
+    with pytest.raises(DatasetError) as err:
+        fetch_dataset("demo", tmp_path / "d", log=_quiet)
+    assert parses(str(err.value).split("`")[1])
+    with pytest.raises(DatasetError) as err:
+        CachedDataset(tmp_path, "train")
+    assert parses(str(err.value).split("`")[1].replace("<dataset>", "demo")
+                  .replace("<its root>", str(demo)))
 
 
 def test_disk_full_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -221,6 +221,7 @@ def build_cache(
     params = params if params is not None else load_params()
     facts = dataset_facts(name, params)
     root, cache_dir = Path(root).absolute(), Path(cache_dir).absolute()
+    remove_stale(cache_dir, KEY_NAME)  # first: puts back a cache a killed swap left aside
     key = cache_key(name, root, size, categories=categories, params=params, **reader_opts)
     splits = ("train",) if facts["layout"] == "dtd" else SPLITS
     per_split = {s: read_samples(name, root, s, key["categories"], params=params, **reader_opts)
@@ -244,7 +245,6 @@ def build_cache(
         raise DatasetError(f"{cache_dir}: exists and is not an omniad cache (no {KEY_NAME}); "
                            "refusing to replace it")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(cache_dir, KEY_NAME)
     tmp = tmp_sibling(cache_dir)
     try:
         index = _write_arrays(tmp, root, size, per_split, key, facts,
@@ -349,7 +349,8 @@ class CachedDataset(Dataset):
         self.cache_dir = Path(cache_dir)
         if _stored_key(self.cache_dir) is None:
             raise DatasetError(f"{self.cache_dir}: not a complete cache (no {KEY_NAME}); "
-                               "build it with `omniad data cache`")
+                               f"build it with `omniad data cache <dataset> --root <its root> "
+                               f"--out {self.cache_dir}`")
         try:
             index = json.loads((self.cache_dir / INDEX_NAME).read_text())
         except (OSError, ValueError) as exc:

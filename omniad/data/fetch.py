@@ -1,10 +1,18 @@
 """Download, verify, safely extract and record a dataset (`omniad data fetch`).
 
-Order of trust: an archive is used only after its SHA-256 matched (every time, also when it is
-already on disk); it is extracted into a temporary directory beside the dataset root, the
-manifest of every extracted file is written into it last, and only then is the directory
-renamed into place. An interrupted run therefore leaves either the old tree or the new one,
-never half of one.
+Sources: each archive has an ordered list (--url, the official URLs current first, the
+mirrors: $OMNIAD_DATA_MIRROR then params; a mirror may be a local directory). Each is tried
+in turn, a failed one is one log line, and when all failed the error is the manual route
+(official page, file name and hash, the exact --source command).
+
+Order of trust: an archive is used only after its SHA-256 matched the hash pinned in params
+or, failing that, the checksum lock (params/checksums/<dataset>.sha256, written by the first
+download with --trust-first-download); one with an unexpected hash is moved aside, never used.
+It is extracted into a temporary directory beside the dataset root, the manifest of every
+extracted file is written into it last, and only then is the directory swapped into place
+(omniad.atomic.install_tree; recover_tree repairs a crash between its steps). An interrupted
+run therefore leaves the old tree or the new one, never half of one and never none.
+A complete tree made from the same verified archives is left alone without any network.
 """
 
 from __future__ import annotations
@@ -599,7 +607,8 @@ def fetch_dataset(
     params = params if params is not None else load_params()
     facts = dataset_facts(name, params)
     if facts.get("generated"):
-        raise DatasetError(f"{name}: generated locally, use `omniad data demo` instead of fetch")
+        raise DatasetError(f"{name}: generated locally, not fetched: run "
+                           f"`omniad data demo --root {Path(root).absolute()}`")
     root = Path(root).absolute()
     root.parent.mkdir(parents=True, exist_ok=True)
     recover_tree(root, _complete, MANIFEST_NAME, log)
