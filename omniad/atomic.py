@@ -87,7 +87,10 @@ def _siblings(root: Path, tag: str) -> list[Path]:
 def _delete_tree(path: Path, marker: str | None) -> None:
     """Delete a tree, its completion marker first: a half-deleted tree never looks complete."""
     if marker is not None:
-        (path / marker).unlink(missing_ok=True)
+        try:
+            (path / marker).unlink(missing_ok=True)
+        except OSError:  # not ours to delete (another user's leftover): leave it whole
+            return
     shutil.rmtree(path, ignore_errors=True)
 
 
