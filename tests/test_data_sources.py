@@ -302,3 +302,42 @@ def test_crash_between_install_steps_leaves_a_recoverable_tree(
     if step == 1:  # the complete new tree was put in place, not extracted again
         assert any("recovered" in m for m in logs)
         assert not any("extracting" in m for m in logs)
+
+
+def test_report_provenance_names_pinned_and_lock_datasets(
+    tmp_path: Path, mvtec_archive: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniad.grid import load_params
+    from omniad.report import aggregate as agg
+    from omniad.report.build import report_context
+
+    data = tmp_path / "data"
+    src = tmp_path / MVTEC
+    src.write_bytes(mvtec_archive)
+    fetch_dataset("mvtec_ad", data / "mvtec_ad", fx.mvtec_params(None, fx.sha256(mvtec_archive)),
+                  source=src, log=_quiet)
+    hub = fx.write_tree(tmp_path / "hub", fx.realiad_archives())
+    fetch_dataset("real_iad", data / "real_iad", fx.realiad_params(None), source=hub,
+                  trust_first_download=True, log=_quiet)
+    monkeypatch.setenv("OMNIAD_DATA", str(data))
+    line = report_context(agg.Collection(load_params(), "paper", []), [], {})["data"]
+    assert line == ("MVTec-AD: archives verified against SHA-256 pinned in params; "
+                    "VisA: not fetched here; Real-IAD: archives verified against the "
+                    "first-trust lock (params/checksums/real\\_iad.sha256)")
+
+
+def test_recovery_never_deletes_the_only_complete_copy(tmp_path: Path) -> None:
+    from omniad.atomic import recover_tree, remove_stale
+
+    root = tmp_path / "d"
+    old = fx.write_tree(tmp_path / ".d.old-1", {MANIFEST_NAME: b"{}", "a.png": b"a"})
+    partial = fx.write_tree(tmp_path / ".d.tmp-2", {"b.png": b"b"})  # killed mid-extraction
+    logs: list[str] = []
+    recover_tree(root, lambda p: (p / MANIFEST_NAME).is_file(), MANIFEST_NAME, logs.append)
+    assert (root / "a.png").read_bytes() == b"a" and not old.exists() and not partial.exists()
+    assert any("recovered" in m for m in logs)
+    # a half-deleted old tree (marker gone first) never comes back in place of a good root
+    fx.write_tree(tmp_path / ".d.old-3", {"a.png": b"stale"})
+    remove_stale(root, MANIFEST_NAME)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert (root / "a.png").read_bytes() == b"a"
