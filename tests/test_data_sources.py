@@ -229,6 +229,9 @@ def test_plain_tar_cut_at_a_file_boundary_is_refused(tmp_path: Path) -> None:
                           retry_wait=0, log=_quiet)
     assert not (tmp_path / "m").exists() and fx.leftovers(tmp_path) == []
     assert not (tmp_path / "checksums").exists()  # a refused archive is never locked
+    # kept aside, so the next run downloads again instead of trusting it from disk
+    assert [p.name for p in (tmp_path / "downloads").iterdir()] == [
+        f"{MVTEC}.unverified-{fx.sha256(cut)[:12]}"]
     (tmp_path / "ok.tar").write_bytes(whole)
     safe_extract(tmp_path / "ok.tar", tmp_path / "out")  # the whole one passes
     assert (tmp_path / "out/bottle/train/good/000.png").is_file()

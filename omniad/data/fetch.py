@@ -717,7 +717,14 @@ def fetch_dataset(
         for spec, path in to_extract:
             log(f"{name}: extracting {path.name}")
             target = tmp.joinpath(*_safe_member(path, spec.extract_to or ".").parts)
-            safe_extract(path, target)
+            try:
+                safe_extract(path, target)
+            except ArchiveError:
+                if spec.name in unknown and path == downloads_dir / spec.name:
+                    # trusted but broken: never reused from disk, fetched again next time
+                    log(f"{path}: moved aside to "
+                        f"{move_aside(path, path, sha256_file(path)).name}")
+                raise
         files = list_files(tmp)
         new = write_manifest(tmp, name, files, **extra)
         install_tree(tmp, root, MANIFEST_NAME)
