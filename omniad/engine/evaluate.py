@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from omniad.atomic import atomic_file
 from omniad.engine.progress import Progress
 from omniad.engine.runtime import Runtime
 from omniad.metrics import CategoryAccumulator, mean_over_categories
@@ -89,7 +90,6 @@ def _save_samples(keep: dict, path: Path) -> None:
             imgs.append(img)
             msk.append(mask)
             mps.append(amap)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, category=np.array(cats), image=np.stack(imgs),
-                        mask=np.stack(msk), map=np.stack(mps))
-    tmp.replace(path)
+    with atomic_file(path, "wb") as fh:  # the package's one write helper
+        np.savez_compressed(fh, category=np.array(cats), image=np.stack(imgs),
+                            mask=np.stack(msk), map=np.stack(mps))

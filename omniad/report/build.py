@@ -9,7 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omniad.grid import REPO, Params, load_params, results_root
+from omniad.data.manifest import provenance
+from omniad.grid import REPO, Params, data_root, load_params, results_root
 from omniad.report import aggregate as agg
 from omniad.report.audit import caveats, encoder_weights, render_audit
 from omniad.report.costs import costs_by_cell, load_complexity
@@ -80,6 +81,8 @@ def report_context(col: agg.Collection, figures: list, git: dict) -> dict:
                        f"{escape(epochs)}; seeds: {escape(seeds)}"),
         "report_git": escape(_git_line(git)),
         "runs_git": escape(_runs_git(col)),
+        "data": escape("; ".join(f"{dataset_name(d)}: {provenance(data_root(d))}"
+                                 for d in proto.datasets)),
         "weights": escape(", ".join(weights) if weights else
                           ("pretrained" if proto.pretrained else "random") + " (from params; no runs)"),
         "n_found": len(col.found), "n_missing": len(col.missing), "n_planned": len(col.results),
