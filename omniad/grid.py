@@ -103,6 +103,9 @@ class Method(_Strict):
     batch_size: int = 16
     optim: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    # {topic: which reference this method follows for it, and what the others do}; listed
+    # in the report's audit (learning-rate schedule, clipping, weight decay, stepping, ...)
+    follows: dict[str, str] = {}
     protocol_overrides: dict[str, dict[str, Any]] = {}  # protocol -> model overrides
 
     @model_validator(mode="after")
