@@ -1,7 +1,8 @@
 """The training loop: deterministic order, atomic checkpoints, resume after preemption.
 
 A run's folder holds ``checkpoint.pt`` (latest state; written every K epochs and on SIGTERM or
-SIGUSR1), ``history.json`` (per-epoch loss and the periodic evaluations) and, once done, ``model.pt`` + ``train.json``.
+SIGUSR1), ``history.json`` (per-epoch loss and the periodic evaluations) and, once done,
+``model.pt`` + ``train.json``.
 Batch order is a pure function of (seed, epoch), and every RNG state is checkpointed, so a
 resumed run ends with the same weights, bit for bit, as one never interrupted.
 """
