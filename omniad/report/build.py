@@ -139,7 +139,9 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
             log(f"warning: {problem}")
     costs = costs_by_cell(complexity)
 
-    out.files += agg.write_products(col, costs, results).values()
+    # the machine-readable products (DVC metrics) always hold the headline: the final model
+    final = col if col.selection == "final" else agg.collect(params, protocol, results)
+    out.files += agg.write_products(final, costs, results).values()
     out.files.append(write_atomic((results or results_root()) / protocol / "inflation.csv",
                                   inflation_csv(inflation_rows(col))))
 
