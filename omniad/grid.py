@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from omniad.codehash import train_code
+from omniad.codehash import evaluate_code, train_code
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -368,6 +368,8 @@ def resolve_run(params: Params, run: Run) -> dict[str, Any]:
         "encoder_bn": "pretrained" if proto.pretrained else proto.random_encoder_bn,
         "epochs": epochs,
         "evaluate_every": evaluate_every,
+        # periodic evaluations are part of training's record: a metrics change retrains
+        "periodic_eval_code": evaluate_code(spec.builder) if evaluate_every else None,
         "batch_size": batch,
         "eval_batch_size": proto.eval_batch_size,
         "checkpoint_every": proto.checkpoint_every,
