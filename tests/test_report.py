@@ -241,7 +241,7 @@ def test_selection_section_and_released_max_tables(env, tmp_path):
     assert "demo,omniad,mad,91.0000,96.0000,5.0000," in csv
     assert "demo,uniad,mad,80.0000,80.0000,0.0000," in csv  # no evaluations: max = final
     report = (env["root"] / "reports" / P / "report.tex").read_text()
-    assert "final: the final model" in report and "input{tables/inflation}" in report
+    assert "show the final model" in report and "input{tables/inflation}" in report
     assert "final model." in _tex(env, "table1")
     build_report(P, params=env["params"], pdf=False, complexity=COMPLEXITY, git=GIT,
                  reports=tmp_path, selection="released-max", log=lambda *_: None)

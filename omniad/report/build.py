@@ -85,7 +85,8 @@ def report_context(col: agg.Collection, figures: list, git: dict) -> dict:
                           ("pretrained" if proto.pretrained else "random") + " (from params; no runs)"),
         "n_found": len(col.found), "n_missing": len(col.missing), "n_planned": len(col.results),
         "caveats": caveats(col),
-        "selection": escape(f"{col.selection}: the {SELECTION_NAMES[col.selection]}"),
+        "selection": TeX(escape(f"the {SELECTION_NAMES[col.selection]} ")
+                         + rf"(\texttt{{--selection {escape(col.selection)}}})"),
         "evaluate_every": escape(_evaluate_every(col)),
         "methods_tables": [_safe(t) for t in order if params.grid.tables[t].kind == "methods"],
         "ablation_tables": [_safe(t) for t in order if params.grid.tables[t].kind != "methods"],
