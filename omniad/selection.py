@@ -5,6 +5,11 @@ maximum over every evaluation so far: selection on the test set. It keeps one re
 (category, metric) and one for the mean row ("Avg"), each maximised on its own, so a category's
 AU-ROC and its AU-PRO may come from different epochs, and the mean row's maximum is the
 maximum of the mean over categories, not the mean of the per-category maxima.
+
+The final model's evaluation counts as one of the evaluations: the released trainer tests at
+every multiple of ``test_per_epoch`` and at the last epoch (``test_start_epoch = epoch_full``),
+so its maximum always includes the final model. Periodic evaluations here run after every
+``evaluate_every`` epochs except the last, whose evaluation is ``omniad evaluate``'s.
 """
 
 from __future__ import annotations
