@@ -148,7 +148,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
     progress = Progress(f"train {cfg['run']}", total, start=start_epoch * steps_per_epoch + start_iter)
     model.train()
     t0 = time.perf_counter()
-    images_seen = 0
+    images_seen, eval_s = 0, 0.0  # periodic evaluations: not training throughput
     epoch_losses: list[float] = list(state["epoch_losses"]) if state and start_iter else []
     with StopFlag() as stop:
         for epoch in range(start_epoch, epochs):
@@ -181,7 +181,9 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
                             "lr": optimizers[0].param_groups[-1]["lr"]})
             epoch_losses = []
             if evaluator is not None and evaluation_due(cfg, epoch + 1):
+                t_eval = time.perf_counter()
                 evaluations.append(evaluator(model, epoch + 1))
+                eval_s += time.perf_counter() - t_eval
                 model.train()
                 if stop.signum is not None:  # a signal during the evaluation: keep it, go
                     save(epoch + 1, 0, [])
@@ -194,7 +196,9 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
                       run_dir / "model.pt")
     write_history()
     summary = {"train_wall_s": round(wall, 3), "train_steps": total,
-               "train_images_per_s": round(images_seen / max(time.perf_counter() - t0, 1e-9), 2),
+               "train_images_per_s": round(images_seen / max(time.perf_counter() - t0 - eval_s,
+                                                             1e-9), 2),
+               "periodic_eval_wall_s": round(sum(e.get("eval_wall_s", 0) for e in evaluations), 3),
                "final_loss": history[-1]["loss"] if history else None,
                "peak_mem_mb": rt.peak_memory_mb()}
     write_json_atomic(run_dir / "train.json", summary)
