@@ -201,6 +201,11 @@ def test_omniad_eval_draws_the_jitter_noise_as_released() -> None:
         no_draw = model.decoder(model.neck(model.encoder(x)))  # the old behaviour
     assert all(torch.equal(a, r) for a, r in zip(ours, released, strict=True))
     assert not all(torch.equal(a, r) for a, r in zip(ours, no_draw, strict=True))
+    # the values are untouched: with a deterministic (learned) FFN the draw changes nothing
+    learned = OmniAD(pretrained=False, depths=(1, 1, 1, 1), ffn="learned").eval()
+    with torch.no_grad():
+        plain = learned.decoder(learned.neck(learned.encoder(x)))
+        assert all(torch.equal(a, r) for a, r in zip(learned(x)[1], plain, strict=True))
 
 
 def test_mambaad_loads_the_same_encoder_file_as_omniad() -> None:
