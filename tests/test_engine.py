@@ -97,6 +97,10 @@ def test_train_evaluate_and_mlflow_store(tiny_env) -> None:
         metrics["per_category"]["coins"]["pixel_aupro"])
     loss = client.get_metric_history(r.info.run_id, "train_loss")
     assert [m.step for m in loss] == [1, 2, 3]
+    evals = client.get_metric_history(r.info.run_id, "eval.mad")  # periodic + final, as steps
+    assert [(m.step, m.value) for m in evals] == [(e["epoch"], e["mean"]["mad"])
+                                                  for e in metrics["evaluations"]]
+    assert r.data.metrics["released_max.mad"] == pytest.approx(metrics["released_max"]["mean"]["mad"])
     arts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"metrics.json", "anomaly_maps.png"} <= arts
     # The default variant is in every ablation table too: one experiment run per table.
