@@ -101,6 +101,17 @@ def _render_samples(run_dir: Path, out: Path) -> Path | None:
     return out
 
 
+def evaluation_metrics(metrics: dict[str, Any], ts: int) -> list[Any]:
+    """The periodic evaluations as MLflow steps (``eval.<metric>`` at step = epoch, mean row)
+    and the released-style maximum (``released_max.<metric>``)."""
+    from mlflow.entities import Metric
+
+    out = [Metric(f"eval.{k}", float(v), ts, int(e["epoch"]))
+           for e in metrics.get("evaluations", []) for k, v in e["mean"].items()]
+    best = (metrics.get("released_max") or {}).get("mean", {})
+    return out + [Metric(f"released_max.{k}", float(v), ts, 0) for k, v in best.items()]
+
+
 def log_run(run_dir: Path) -> list[str]:
     """Log one finished run to every table experiment it belongs to; returns MLflow run ids."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -136,6 +147,7 @@ def log_run(run_dir: Path) -> list[str]:
             ts = int(os.path.getmtime(run_dir / "metrics.json") * 1000)
             ms = [Metric("train_loss", h["loss"], ts, h["epoch"]) for h in history]
             ms += [Metric(k, v, ts, 0) for k, v in metrics["mean"].items()]
+            ms += evaluation_metrics(metrics, ts)
             for cat, vals in metrics["per_category"].items():
                 ms += [Metric(f"{cat}.{k}", v, ts, 0) for k, v in vals.items()]
             for k in ("train_wall_s", "eval_wall_s", "test_images_per_s", "train_images_per_s",

@@ -64,11 +64,20 @@ def _tiny_params(dest: Path) -> Path:
 
 def _metrics(run, base: float) -> dict:
     vals = dict.fromkeys(METRICS, base)
-    return {"run": run.key, "protocol": run.protocol, "dataset": run.dataset,
-            "method": run.method, "variant": run.variant, "seed": run.seed, "mean": vals,
-            "per_category": {"brick": vals, "metal_nut": dict.fromkeys(METRICS, base - 0.1)},
-            "meta": {"git": {"commit": "fedcba9876543210", "dirty": False},
-                     "encoder_weights": "random"}}
+    per = {"brick": vals, "metal_nut": dict.fromkeys(METRICS, base - 0.1)}
+    out = {"run": run.key, "protocol": run.protocol, "dataset": run.dataset,
+           "method": run.method, "variant": run.variant, "seed": run.seed, "mean": vals,
+           "per_category": per,
+           "meta": {"git": {"commit": "fedcba9876543210", "dirty": False},
+                    "encoder_weights": "random"}}
+    if run.method == "omniad":  # an earlier evaluation 5 points higher: released max = +5
+        from omniad.selection import released_max
+
+        up = {c: {k: v + 0.05 for k, v in m.items()} for c, m in per.items()}
+        out["evaluations"] = [{"epoch": 1, "mean": up["brick"], "per_category": up},
+                              {"epoch": 2, "mean": vals, "per_category": per}]
+        out["released_max"] = released_max(out["evaluations"])
+    return out
 
 
 def _write_runs(params, results: Path) -> None:
@@ -217,6 +226,31 @@ def test_products(env):
     for fact in "abcdefghij":
         assert f"({fact})~" in audit
     assert r"\texttt{ffn: resampled}" in audit
+
+
+def test_selection_section_and_released_max_tables(env, tmp_path):
+    """Final in the tables by default; the section shows final, max, inflation, paper; the
+    released-max option puts the per-metric maximum in every table and says so."""
+    infl = _tex(env, "inflation")
+    assert "final model and released-style maximum" in infl
+    omni = infl[infl.index("Omni-AD &"):]
+    assert omni.splitlines()[0].startswith("Omni-AD & 1, 2 & final & 91.0")
+    assert "released max & 96.0" in omni and "inflation & +5.0" in omni
+    assert "seven metrics: +5.00" in omni
+    csv = (env["root"] / "results" / P / "inflation.csv").read_text()
+    assert "demo,omniad,mad,91.0000,96.0000,5.0000," in csv
+    assert "demo,uniad,mad,80.0000,80.0000,0.0000," in csv  # no evaluations: max = final
+    report = (env["root"] / "reports" / P / "report.tex").read_text()
+    assert "show the final model" in report and "input{tables/inflation}" in report
+    assert "final model." in _tex(env, "table1")
+    build_report(P, params=env["params"], pdf=False, complexity=COMPLEXITY, git=GIT,
+                 reports=tmp_path, selection="released-max", log=lambda *_: None)
+    t1 = (tmp_path / P / "tables" / "table1.tex").read_text()
+    assert "released-style maximum over the evaluations" in t1
+    assert "96.0" in _row(t1, "Omni-AD")[0].split(" & ")[2]
+    with pytest.raises(ReportError, match="selection 'best'"):
+        build_report(P, params=env["params"], pdf=False, complexity=COMPLEXITY, git=GIT,
+                     reports=tmp_path, selection="best", log=lambda *_: None)
 
 
 def test_deterministic(env):

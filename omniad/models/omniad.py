@@ -118,7 +118,9 @@ class TokenAttention(nn.Module):
         if mode != "self":
             self.tokens = nn.Parameter(torch.zeros(1, tokens, dim))
             shape = (1, heads, tokens, 1) if mode == "q" else (1, heads, 1, tokens)
-            self.bias = nn.Parameter(torch.zeros(shape))
+            # named `pe` (released: pe1 / pe2), not `bias`: the weight-decay rule exempts
+            # 1-D params and names ending in ".bias", so the released 4-D biases ARE decayed
+            self.pe = nn.Parameter(torch.zeros(shape))
         if ffn == "learned":
             self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -137,7 +139,7 @@ class TokenAttention(nn.Module):
         k, v = (self._split(t) for t in self.kv(kv_src).chunk(2, dim=-1))
         attn = (q @ k.transpose(-1, -2) * (c // self.heads) ** -0.5).softmax(-1)
         if self.mode != "self":
-            attn = attn + self.bias
+            attn = attn + self.pe
         out = (attn @ v).transpose(1, 2).reshape(b, -1, c)
         if self.ffn_mode == "resampled":
             out = resampled_ffn(out)
@@ -326,11 +328,18 @@ class FusionNeck(nn.Module):
 
 
 def add_jitter(tokens: torch.Tensor, scale: float, prob: float) -> torch.Tensor:
-    """UniAD-style feature jitter on (B, N, C) tokens: noise ~ N(0,1) * ||f||_2 / C * scale."""
-    if scale <= 0 or prob <= 0 or (prob < 1 and torch.rand(()) > prob):
+    """UniAD-style feature jitter on (B, N, C) tokens: noise ~ N(0,1) * ||f||_2 / C * scale.
+
+    The noise is drawn (on the CPU generator, then moved, as released) even at scale 0: the
+    released model calls this in eval with scale 0, and with the re-drawn FFNs a seeded
+    evaluation depends on that draw. At scale 0 the tokens come back unchanged.
+    """
+    if prob <= 0 or (prob < 1 and torch.rand(()) > prob):
         return tokens
     b, n, c = tokens.shape
     noise = torch.randn((b, n, c)).to(tokens.device, tokens.dtype)
+    if scale == 0:
+        return tokens
     return tokens + noise * tokens.norm(dim=2, keepdim=True) / c * scale
 
 
@@ -338,7 +347,7 @@ def add_jitter(tokens: torch.Tensor, scale: float, prob: float) -> torch.Tensor:
 # The model.
 # --------------------------------------------------------------------------------------------
 class OmniAD(ADMethod):
-    """Frozen encoder -> fusion neck (+ jitter in training) -> Omni-block decoder."""
+    """Frozen encoder -> fusion neck (+ jitter; scale 0 in eval) -> Omni-block decoder."""
 
     name = "omniad"
     config_class = OmniADConfig
@@ -355,11 +364,11 @@ class OmniAD(ADMethod):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         feats_t = self.encoder(images)
         z = self.neck(feats_t)
-        if self.training:
-            b, c, h, w = z.shape
-            tokens = add_jitter(z.flatten(2).transpose(1, 2), self.cfg.jitter_scale,
-                                self.cfg.jitter_prob)
-            z = tokens.transpose(1, 2).reshape(b, c, h, w)
+        b, c, h, w = z.shape
+        # in eval too, with scale 0 (prob 1), as released: it draws the noise all the same
+        scale, prob = (self.cfg.jitter_scale, self.cfg.jitter_prob) if self.training else (0.0, 1.0)
+        tokens = add_jitter(z.flatten(2).transpose(1, 2), scale, prob)
+        z = tokens.transpose(1, 2).reshape(b, c, h, w)
         return feats_t, self.decoder(z)
 
     @staticmethod
