@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from omniad.codehash import evaluate_code, train_code
 
@@ -51,13 +51,25 @@ class MethodSchedule(_Strict):
     source: str = ""  # where the numbers come from
 
 
+class Seeds(_Strict):
+    """Seeds per table kind: Table I (``methods``) and the ablation tables (``ablation``).
+
+    A run that two tables share (Omni-AD's default) is trained once per seed of either; keep
+    Table I's seeds a subset of the ablation seeds so that run is reused, not added.
+    """
+
+    methods: list[int] = Field([42], min_length=1)
+    ablation: list[int] = Field([42], min_length=1)
+
+
 class Protocol(_Strict):
     datasets: list[str]
     ablation_dataset: str
     image_size: int = Field(gt=0)
     epochs: dict[str, int]
     batch_size: int | None = None  # None: each method's own
-    seeds: list[int] = [42]
+    # {methods: [...], ablation: [...]}; a plain list means the same seeds for every table
+    seeds: Seeds = Seeds()
     pretrained: bool = True
     # Random encoders only (pretrained: false): "train" estimates their BatchNorm statistics
     # from the training images before training (calibrate_random_backbones); "init" keeps
@@ -72,6 +84,20 @@ class Protocol(_Strict):
     workers: int | Literal["auto"] = "auto"
     exclude_rows: dict[str, list[str]] = {}
     resources: dict[str, Resources] = {}
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_list(cls, v: Any) -> Any:
+        return {"methods": v, "ablation": v} if isinstance(v, list) else v
+
+    def seeds_for(self, kind: str) -> list[int]:
+        """Seeds of a table kind ('methods' or 'ablation')."""
+        return self.seeds.methods if kind == "methods" else self.seeds.ablation
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every seed the protocol trains, in order of first appearance."""
+        return list(dict.fromkeys([*self.seeds.methods, *self.seeds.ablation]))
 
     @model_validator(mode="after")
     def _consistent(self) -> Protocol:
@@ -121,6 +147,9 @@ class Table(_Strict):
     axis: str | None = None
     rows: dict[str, dict[str, Any]] = {}
     methods: list[str] = []  # row order of a methods table (the paper's)
+    # "paper": one of the paper's tables (its numbers in params/paper.yaml); "ours": a table
+    # this project adds (no paper numbers, no claims to check)
+    source: Literal["paper", "ours"] = "paper"
 
 
 class Grid(_Strict):
@@ -284,8 +313,8 @@ def enumerate_runs(params: Params, protocol: str) -> list[Run]:
     proto = params.protocol(protocol)
     runs: dict[str, Run] = {}
 
-    def add(dataset: str, method: str, overrides: dict[str, Any]) -> None:
-        for seed in proto.seeds:
+    def add(dataset: str, method: str, overrides: dict[str, Any], kind: str) -> None:
+        for seed in proto.seeds_for(kind):
             run = Run(protocol=protocol, dataset=dataset, method=method,
                       variant=variant_id(_strip_defaults(params, method, overrides)), seed=seed,
                       overrides=_strip_defaults(params, method, overrides))
@@ -296,10 +325,10 @@ def enumerate_runs(params: Params, protocol: str) -> list[Run]:
         if table.kind == "methods":
             for ds in proto.datasets:
                 for m in params.implemented():
-                    add(ds, m, {})
+                    add(ds, m, {}, table.kind)
         else:
             for overrides in table_rows(params, protocol, tname).values():
-                add(proto.ablation_dataset, "omniad", overrides)
+                add(proto.ablation_dataset, "omniad", overrides, table.kind)
     return list(runs.values())
 
 
@@ -407,11 +436,14 @@ def cache_dir(dataset: str, size: int) -> Path:
 
 
 def tables_of(params: Params, run: Run) -> list[tuple[str, str]]:
-    """(table, row) pairs a run's numbers appear in; the default is in up to seven tables."""
+    """(table, row) pairs a run's numbers appear in; the default is in up to eight tables
+    (only those whose table kind runs the run's seed)."""
     proto = params.protocol(run.protocol)
     out = []
     for tname in params.grid.table_order:
         table = params.grid.tables[tname]
+        if run.seed not in proto.seeds_for(table.kind):
+            continue
         if table.kind == "methods":
             if run.variant == "default":
                 out.append((tname, run.method))

@@ -16,7 +16,8 @@ from omniad.grid import Params, ParamsError, enumerate_runs, load_params, tables
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = {"attention": ["q", "kv"], "tokens": 64, "branches": "both",
-            "depths": [3, 9, 9, 7], "backbone": "resnet34"}  # the released model, by hand
+            "depths": [3, 9, 9, 7], "backbone": "resnet34",
+            "ffn": "resampled"}  # the released model, by hand
 
 
 def expected_runs(protocol: str) -> int:
@@ -28,6 +29,9 @@ def expected_runs(protocol: str) -> int:
     methods = {f.stem: yaml.safe_load(f.read_text()) for f in (REPO / "params/methods").glob("*.yaml")}
     implemented = [m for m, s in methods.items() if s["status"] == "implemented"]
     grid = yaml.safe_load((REPO / "params/grid.yaml").read_text())["tables"]
+    seeds = proto.get("seeds", [42])
+    if isinstance(seeds, list):
+        seeds = {"methods": seeds, "ablation": seeds}
     variants = set()
     for name, table in grid.items():
         if table["kind"] != "ablation":
@@ -37,9 +41,11 @@ def expected_runs(protocol: str) -> int:
                 continue
             diff = {k: v for k, v in overrides.items() if k != "pretrained" and DEFAULTS[k] != v}
             variants.add(tuple(sorted((k, str(v)) for k, v in diff.items())))
-    variants.discard(())
-    per_seed = len(proto["datasets"]) * len(implemented) + len(variants)
-    return per_seed * len(proto.get("seeds", [42]))
+    runs = {(ds, m, (), s) for ds in proto["datasets"] for m in implemented
+            for s in seeds.get("methods", [42])}
+    runs |= {(proto["ablation_dataset"], "omniad", v, s) for v in variants
+             for s in seeds.get("ablation", [42])}  # the default () is shared with Table I
+    return len(runs)
 
 
 @pytest.mark.parametrize("protocol", ["paper", "demo"])
@@ -56,7 +62,42 @@ def test_default_variant_is_one_run_in_every_table() -> None:
     assert len(runs) == 1
     tables = dict(tables_of(params, runs[0]))
     assert tables == {"table1": "omniad", "table2": "q_kv", "table3": "Q+KV", "table4": "64",
-                      "table5": "both", "table6": "3-9-9-7", "table7": "resnet34"}
+                      "table5": "both", "table6": "3-9-9-7", "table7": "resnet34",
+                      "table8": "resampled"}
+
+
+def test_paper_runs_three_seeds_per_ablation_row_and_shares_the_default() -> None:
+    """paper: Table I one seed, every ablation row three; the default is not trained twice."""
+    params = load_params()
+    runs = enumerate_runs(params, "paper")
+    by_cell: dict[tuple[str, str], set[int]] = {}
+    for r in runs:
+        for table, row in tables_of(params, r):
+            by_cell.setdefault((table, row if table != "table1" else f"{row}/{r.dataset}"),
+                               set()).add(r.seed)
+    ablation = {k: v for k, v in by_cell.items() if k[0] != "table1"}
+    assert ablation and all(v == {42, 43, 44} for v in ablation.values())
+    assert all(v == {42} for k, v in by_cell.items() if k[0] == "table1")
+    default = [r for r in runs if (r.dataset, r.method, r.variant) == ("mvtec_ad", "omniad", "default")]
+    assert sorted(r.seed for r in default) == [42, 43, 44]
+    seed43 = next(r for r in default if r.seed == 43)
+    assert "table1" not in dict(tables_of(params, seed43))  # Table I shows seed 42 only
+    # by hand: 7 methods x 3 datasets (seed 42) + 19 Omni-AD variants (default included) x 3
+    # seeds, less the default's seed-42 run that Table I already has
+    assert len(runs) == 7 * 3 + 19 * 3 - 1
+
+
+def test_a_plain_seed_list_means_every_table(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "params", tmp_path, dirs_exist_ok=True)
+    protos = yaml.safe_load((tmp_path / "protocols.yaml").read_text())
+    protos["protocols"]["demo"]["seeds"] = [1, 2]
+    (tmp_path / "protocols.yaml").write_text(yaml.safe_dump(protos))
+    proto = Params(tmp_path).protocol("demo")
+    assert proto.seeds_for("methods") == proto.seeds_for("ablation") == [1, 2]
+    protos["protocols"]["demo"]["seeds"] = {"methods": [], "ablation": [1]}
+    (tmp_path / "protocols.yaml").write_text(yaml.safe_dump(protos))
+    with pytest.raises(ParamsError, match=r"protocols.yaml: demo(.|\n)*seeds.methods"):
+        Params(tmp_path)
 
 
 def test_snakemake_dry_run_lists_the_whole_paper_grid() -> None:
