@@ -180,12 +180,16 @@ def test_ablation_tables(env):
     q, qp = _row(t2, "q &")
     assert r"& (q, self) & \second{50.0}\pmstd{0.0} &" in q
     assert r"\paperval{98.6 ($-$48.6)}" in qp
+    # q - default per seed: 50 - 90, 50 - 92 -> mean -41, t(0.975, 1) * 1.414 / 1.414 = 12.7
+    assert q.endswith(r"& $-$41.0\sigmark & $<$: ? \\")
+    assert qp.endswith(r"& \paperval{[$-$53.7, $-$28.3]} & \paperval{p.\,$-$0.2} \\")
+    assert default.endswith(r"& \paperval{(ref.)} & \emph{best}: ? \\")
     none, _ = _row(t2, "none &")
-    assert none.endswith(" & ".join(["--"] * 7) + r" \\")  # missing runs, never invented
+    assert none.endswith(" & ".join(["--"] * 8) + r" & $<$: ? \\")  # missing, never invented
     assert "run not finished" in t2
     t7 = _tex(env, "table7")
     r50, r50p = _row(t7, "resnet50 &")
-    assert r"468.2 & 113.7 & \multicolumn{1}{c}{\textit{not run in this protocol}}" in r50
+    assert r"468.2 & 113.7 & \multicolumn{3}{c}{\textit{not run in this protocol}}" in r50
     assert r"\paperval{468.0 (0.0\%)} & \paperval{114.0 ($-$0.3\%)}" in r50p
     assert r"wide\_resnet50 & wide\_resnet50\_2 &" in t7
     t4 = _tex(env, "table4")
@@ -193,7 +197,14 @@ def test_ablation_tables(env):
     assert r"29.9 & 11.2 & 91.0\pmstd{1.4}" in row64  # a single mAD value: no ranking marks
     assert r"\paperval{29.9 (+0.1\%)} & \paperval{11.2 ($-$0.4\%)} & \paperval{86.4 (+4.6)}" in p64
     row16, _ = _row(t4, "16 &")
-    assert row16 == r"16 & -- & -- & -- \\"  # no complexity row given, no run
+    assert row16 == r"16 & -- & -- & -- & -- & $<$: ? \\"  # no complexity row given, no run
+    t8 = _tex(env, "table8")
+    assert "Our Table VIII (not in the paper; no paper numbers)" in t8
+    assert "paperval{paper" not in t8 and "Claim" not in t8
+    claims = (env["root"] / "reports" / P / "tables" / "claims.tex").read_text()
+    assert r"\textbf{The Demo set data cannot decide the" in claims
+    # best + signs: II 1+2, III 1+3, IV 1+3, V 1+2, VI 1+3, VII 1+1 (two rows excluded)
+    assert "Claims reproduced: 0; not reproduced:\n0; not decided by the data: 20." in claims
 
 
 def test_products(env):
@@ -213,7 +224,11 @@ def test_products(env):
     backbone = (base / "plots" / "backbone.csv").read_text()
     assert "resnet50,resnet50,excluded,0,468.1730,468.0000,113.7100,114.0000,85.5000,,\n" in backbone
     rep = env["root"] / "reports" / P
-    for stem in ("qualitative_demo", "ablation_axes", "per_category_demo", "training_demo"):
+    stats = (base / "stats.csv").read_text().splitlines()
+    assert stats[0].startswith("table,row,default,seeds,mad_mean,mad_std,diff,diff_lo,diff_hi")
+    assert "table2,q,0,2,50.0000,0.0000,-41.0000,-53.7062,-28.2938,2,1,-0.1857" in stats
+    for stem in ("qualitative_demo", "ablation_axes", "ablation_forest", "per_category_demo",
+                 "training_demo"):
         assert (rep / "figures" / f"{stem}.pdf").stat().st_size > 0
         assert (rep / "figures" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
     tex = (rep / "report.tex").read_text()

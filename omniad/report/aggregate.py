@@ -278,6 +278,7 @@ def axis_rows(col: Collection, table: str, costs: dict[tuple[str, str], dict]) -
             "row": row, "value": axis_value(overrides, spec.axis, row), "status": status,
             "mad": st.mean if st else None, "mad_std": st.std if st else None,
             "seeds": st.n if st else 0, "paper_mad": paper.get("mad"),
+            "mad_values": list(st.values) if st else [],
             "params_m": cost.get("params_m"), "paper_params_m": paper.get("params_m"),
             "flops_g": cost.get("flops_g"), "paper_flops_g": paper.get("flops_g"),
         })

@@ -13,6 +13,7 @@ from omniad.data.manifest import provenance
 from omniad.grid import REPO, Params, data_root, load_params, results_root
 from omniad.report import aggregate as agg
 from omniad.report.audit import caveats, encoder_weights, render_audit
+from omniad.report.claims import render_claims
 from omniad.report.costs import costs_by_cell, load_complexity
 from omniad.report.figures import make_figures
 from omniad.report.inflation import SELECTION_NAMES, inflation_csv, inflation_rows, render_inflation
@@ -27,6 +28,7 @@ from omniad.report.latex import (
     render,
     write_atomic,
 )
+from omniad.report.stats import stats_csv
 from omniad.report.tables import dataset_name, render_complexity, render_table
 
 
@@ -72,7 +74,8 @@ def report_context(col: agg.Collection, figures: list, git: dict) -> dict:
     proto = params.protocol(col.protocol)
     order = params.grid.table_order
     weights = encoder_weights(col)
-    seeds = ", ".join(map(str, proto.seeds))
+    seeds = (f"Table I {', '.join(map(str, proto.seeds_for('methods')))}; ablations "
+             f"{', '.join(map(str, proto.seeds_for('ablation')))}")
     epochs = ", ".join(f"{dataset_name(d)} {e}" for d, e in proto.epochs.items())
     return {
         "protocol": escape(col.protocol),
@@ -148,6 +151,8 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
     out.files += agg.write_products(final, costs, results).values()
     out.files.append(write_atomic((results or results_root()) / protocol / "inflation.csv",
                                   inflation_csv(inflation_rows(col))))
+    out.files.append(write_atomic((results or results_root()) / protocol / "stats.csv",
+                                  stats_csv(final)))
 
     tables = folder / "tables"
     out.files.append(write_atomic(tables / "macros.tex", render("macros.tex.j2")))
@@ -157,6 +162,7 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
                                   render_complexity(params, protocol, complexity, problem)))
     out.files.append(write_atomic(tables / "audit.tex", render_audit(col, complexity)))
     out.files.append(write_atomic(tables / "inflation.tex", render_inflation(col)))
+    out.files.append(write_atomic(tables / "claims.tex", render_claims(col)))
 
     figdir = folder / "figures"
     figures = make_figures(col, costs, figdir)

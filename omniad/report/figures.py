@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from omniad.report.aggregate import MEAN, Collection, RunResult, axis_rows, axis_tables
 from omniad.report.latex import write_atomic
+from omniad.report.stats import LEVEL, row_stats, t_interval
 from omniad.report.tables import dataset_name
 
 RC = {"svg.hashsalt": "omniad-report", "font.size": 8, "axes.titlesize": 9,
@@ -167,10 +168,12 @@ def ablation_axes(col: Collection, costs: dict[tuple[str, str], dict]) -> Figure
         ours = [r["mad"] for r in rows]
         paper = [r["paper_mad"] for r in rows]
         xo = [i for i, v in zip(x, ours, strict=True) if v is not None]
-        if xo:
-            ax.errorbar(xo, [ours[i] for i in xo],
-                        yerr=[rows[i]["mad_std"] or 0.0 for i in xo],
-                        color=OURS, marker="o", ms=4, lw=1.2, capsize=2, label="ours")
+        if xo:  # the t-interval of the mean over seeds (none with one seed)
+            ivs = [t_interval(rows[i]["mad_values"]) for i in xo]
+            err = [[0.0 if iv.lo is None else iv.mean - iv.lo for iv in ivs],
+                   [0.0 if iv.hi is None else iv.hi - iv.mean for iv in ivs]]
+            ax.errorbar(xo, [ours[i] for i in xo], yerr=err, color=OURS, marker="o", ms=4,
+                        lw=1.2, capsize=2, label=f"ours ({round(100 * LEVEL)}% interval)")
         xp = [i for i, v in zip(x, paper, strict=True) if v is not None]
         if xp:
             ax.plot(xp, [paper[i] for i in xp], color=PAPER, marker="s", ms=4, lw=1.2,
@@ -190,6 +193,9 @@ def ablation_axes(col: Collection, costs: dict[tuple[str, str], dict]) -> Figure
         ax.set_xticks(x, [r["value"] for r in rows], rotation=20 if len(rows) > 3 else 0)
         ax.set_xlim(-0.6, len(rows) - 0.4)
         vals = [v for v in ours + paper if v is not None]
+        if xo:
+            vals += [v for lo, hi, m in zip(*err, [ours[i] for i in xo], strict=True)
+                     for v in (m - lo, m + hi)]
         if vals:
             lo, hi = min(vals), max(vals)
             pad = max(2.0, 0.25 * (hi - lo))
@@ -199,6 +205,53 @@ def ablation_axes(col: Collection, costs: dict[tuple[str, str], dict]) -> Figure
         ax.set_ylabel("mAD (%)")
         ax.grid(alpha=0.3, lw=0.5)
         ax.legend(loc="best", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# (b') Forest plot of the paired differences to each ablation table's default.
+# --------------------------------------------------------------------------------------------
+def forest(col: Collection) -> Figure | None:
+    """One panel per ablation table, one line per variant: our paired difference to the
+    default row with its t-interval (blue), the paper's difference (red square), zero dashed."""
+    params = col.params
+    panels = []
+    for t in params.grid.table_order:
+        if params.grid.tables[t].kind != "ablation":
+            continue
+        rows = [s for s in row_stats(col, t) if not s.is_default and s.diff is not None
+                and s.diff.mean is not None]
+        if rows:
+            panels.append((t, rows))
+    if not panels:
+        return None
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = -(-len(panels) // ncols)
+    heights = [max(len(r) for _, r in panels[i * ncols:(i + 1) * ncols]) + 1.2
+               for i in range(nrows)]
+    fig = Figure(figsize=(7.0 if ncols == 2 else 3.8, 0.28 * sum(heights) + 0.5 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for ax, (t, rows) in zip(axes.ravel(), panels, strict=False):
+        y = np.arange(len(rows))[::-1]
+        for yi, s in zip(y, rows, strict=True):
+            iv = s.diff
+            if iv.lo is not None:
+                ax.plot([iv.lo, iv.hi], [yi, yi], color=OURS, lw=1.4, solid_capstyle="butt")
+            ax.plot(iv.mean, yi, "o", color=OURS, ms=4, mfc=OURS if iv.decided else "white")
+            if s.paper_diff is not None:
+                ax.plot(s.paper_diff, yi, "s", color=PAPER, ms=3.5)
+        ax.axvline(0.0, color="black", lw=0.8, ls="--")
+        ax.set_yticks(y, [s.row for s in rows])
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        spec = params.grid.tables[t]
+        name = t.replace("table", "Table ")
+        ax.set_title(f"{name}{' (ours)' if spec.source == 'ours' else ''}: {spec.axis or ''}",
+                     fontsize=8)
+        ax.set_xlabel("mAD difference to the default (points)", fontsize=7)
+        ax.grid(axis="x", alpha=0.3, lw=0.5)
     fig.tight_layout()
     return fig
 
@@ -260,7 +313,7 @@ def training(col: Collection, dataset: str) -> Figure | None:
         pts = [(e["epoch"], e["loss"]) for e in hist if e.get("loss") is not None]
         if pts:
             name = f"{rr.run.method}/{rr.run.variant}" + (
-                f"/seed{rr.run.seed}" if len(col.params.protocol(col.protocol).seeds) > 1 else "")
+                f"/seed{rr.run.seed}" if len(col.params.protocol(col.protocol).all_seeds) > 1 else "")
             curves.append((name, pts))
     if not curves:
         return None
@@ -311,9 +364,18 @@ def make_figures(col: Collection, costs: dict[tuple[str, str], dict], folder: Pa
             save(fig, folder, "ablation_axes")
             made.append(FigureFile("ablation_axes",
                                    "mAD against the number of tokens, the decoder depths and the "
-                                   "encoder (Tables IV, VI, VII): ours (blue, mean and std over "
-                                   "seeds) and the paper's (red), each point labelled with its "
+                                   "encoder (Tables IV, VI, VII): ours (blue, mean over seeds and "
+                                   "its 95% t-interval) and the paper's (red), each point labelled with its "
                                    "params (M) and FLOPs (G)."))
+        fig = forest(col)
+        if fig is not None:
+            save(fig, folder, "ablation_forest")
+            made.append(FigureFile(
+                "ablation_forest",
+                f"Paired mAD differences to each ablation table's default row, paired by seed "
+                f"and category: ours (blue dot, mean over seeds; line, the "
+                f"{round(100 * LEVEL)}% t-interval over seeds, none with one seed; filled when "
+                f"the interval excludes zero) and the paper's (red square). Dashed: zero."))
         for ds in proto.datasets:
             fig = per_category(col, ds)
             if fig is not None:

@@ -17,6 +17,7 @@ from typing import Any
 from omniad.grid import Run, tables_of
 from omniad.report.aggregate import METRICS, Collection, Stat, axis_tables, axis_value, paper_row
 from omniad.report.latex import DASH, TeX, escape, num, render, signed
+from omniad.report.stats import LEVEL, Claim, Interval, row_stats, table_claims
 
 ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X")
 #: The paper ran its ablations on MVTec-AD; a dataset the paper lacks (the demo set) is set
@@ -39,6 +40,18 @@ NOTE_PLANNED = TeX(r"\textsuperscript{\ddag}\,not yet implemented here: only the
 NOTE_PARTIAL = TeX(r"\textsuperscript{*}\,mean over the seeds found so far (some still missing).")
 NOTE_MISSING = TeX(r"--\,: run not finished (no metrics.json yet).")
 NOTE_NOT_REPORTED = TeX(r"\paperval{--}\,: not reported in the paper.")
+MARK_SIG = TeX(r"\sigmark")
+NOTE_DIFF = TeX(
+    rf"$\Delta$\,mAD: ours minus the default row, paired by seed and category; below it, "
+    rf"the {round(100 * LEVEL)}\% t-interval over the seed-level differences (no interval with "
+    r"one seed). \sigmark\,: the interval excludes 0.")
+NOTE_CLAIM = TeX(
+    r"Claim: the paper's ordering against ours (mAD), the paper's difference to the default "
+    r"below it (p.); \emph{best} on the paper's best row "
+    r"(it beats every other row), $<$ / $>$ on a row the paper puts below / above the default. "
+    r"yes: our interval agrees; no: it excludes 0 on the other side; ?: not decided by the "
+    r"data (interval contains 0, fewer than two seeds, or not the paper's data).")
+VERDICT_TEXT = {"reproduced": "yes", "not reproduced": r"\textbf{no}", "undecided": "?"}
 
 
 def dataset_name(ds: str) -> str:
@@ -141,6 +154,7 @@ class Entry:
     span_text: TeX | None = None  # replaces every 'ours' cell in one \multicolumn
     span_from: int = 0  # index of the first 'ours' column covered by span_text
     missing: bool = False  # some run of this row has not finished
+    lead: TeX = TeX(r"\paperval{paper (diff.)}")  # first cell of the second line
 
     def lines(self) -> list[TeX]:
         first: list[Any] = [self.label, *self.pre]
@@ -152,7 +166,7 @@ class Entry:
             first += [c.tex() for c in self.ours]
         out = [line(first)]
         if self.paper is not None:
-            lead = [TeX(r"\paperval{paper (diff.)}"), *[TeX("")] * len(self.pre)]
+            lead = [self.lead, *[TeX("")] * len(self.pre)]
             out.append(line([*lead, *self.paper]))
         return out
 
@@ -170,6 +184,7 @@ class TableModel:
     colspec: TeX
     header: list[TeX]
     tabcolsep: str = "3.5pt"
+    fit: bool = False  # scale the tabular down to the line width (wide seven-metric tables)
     groups: list[tuple[TeX, int, int]] = field(default_factory=list)  # text, first col, last col
     blocks: list[Block] = field(default_factory=list)
     notes: list[TeX] = field(default_factory=list)
@@ -194,7 +209,7 @@ class TableModel:
                    "entries": [e.lines() for e in b.entries]} for b in self.blocks]
         label = TeX("tab:" + re.sub(r"[^A-Za-z0-9:.-]", "", self.name))
         return {"label": label, "caption": self.caption, "colspec": self.colspec,
-                "tabcolsep": TeX(self.tabcolsep),
+                "tabcolsep": TeX(self.tabcolsep), "fit": self.fit,
                 "groups": groups, "header": line(self.header), "blocks": blocks,
                 "notes": self.notes}
 
@@ -222,9 +237,9 @@ LEGEND = (r"First line: ours; second line (grey): the paper's value and, in brac
           r"$-$ paper. Best of ours per column in bold, second underlined.")
 
 
-def _proto_phrase(col: Collection) -> str:
+def _proto_phrase(col: Collection, kind: str = "methods") -> str:
     proto = col.params.protocol(col.protocol)
-    seeds = len(proto.seeds)
+    seeds = len(proto.seeds_for(kind))
     chosen = ("final model" if col.selection == "final" else
               "released-style maximum over the evaluations (selection on the test set)")
     return (rf"Ours: protocol \texttt{{{escape(col.protocol)}}}, {proto.image_size}\,px, "
@@ -334,8 +349,15 @@ def table_ablation(col: Collection, table: str,
         header = [TeX("Variant"), *pre_header, *[TeX(METRIC_HEADER[m]) for m in cols]]
         off = 2 + len(pre_header)
         groups = [(TeX("Image-level"), off, off + 2), (TeX("Pixel-level"), off + 3, off + 6)]
+    ours_table = spec.source == "ours"
+    stats = {s.row: s for s in row_stats(col, table)}
+    claims = _claims_by_row(table_claims(col, table))
+    header += [TeX(r"$\Delta$\,mAD")] + ([] if ours_table else [TeX("Claim")])
     model = TableModel(name=table, caption=TeX(""), header=header, groups=groups,
-                       colspec=TeX("@{}l" + "l" * len(pre_header) + "r" * len(cols) + "@{}"))
+                       tabcolsep="3.5pt" if with_costs else "2pt",
+                       fit=not with_costs,
+                       colspec=TeX("@{}l" + "l" * len(pre_header) + "r" * len(cols) + "r"
+                                   + ("" if ours_table else "l") + "@{}"))
     block = Block(None)
     for row in spec.rows:
         paper = paper_row(params, table, row)
@@ -355,14 +377,24 @@ def table_ablation(col: Collection, table: str,
             ours = [Cell.of(col.stat(table, row, ds, m)) for m in cols]
             pv = list(paper) if paper else [None] * len(cols)
             rel = [False] * len(cols)
-        e = Entry(label, pre, ours, None, missing=any(c.shown is None for c in ours))
+        n_metric = len(ours)
+        st = stats[row]
+        ours += [diff_cell(st.diff)] + ([] if ours_table else [claim_cell(claims.get(row))])
+        e = Entry(label, pre, ours, None, missing=any(c.shown is None for c in ours[:n_metric]))
         if row in excluded:
             first = len(cols) - 1 if with_costs else 0
             e.span_text, e.span_from = TeX(r"\textit{not run in this protocol}"), first
             for c in ours[first:]:
                 c.shown = None
             e.missing = False
-        e.paper = [paper_cell(p, c, r) for p, c, r in zip(pv, ours, rel, strict=True)]
+        below = diff_below(st.diff)
+        if not ours_table:
+            paper_d = (TeX(r"\paperval{p.\," + signed(st.paper_diff, 1) + "}")
+                       if st.paper_diff is not None else TeX(""))
+            e.paper = [*(paper_cell(p, c, r) for p, c, r in zip(pv, ours, rel, strict=False)),
+                       below, paper_d]
+        elif below:  # our own table: no paper numbers, only the interval under the difference
+            e.paper, e.lead = [*[TeX("")] * n_metric, below], TeX("")
         block.entries.append(e)
     for j, key in enumerate(cols):
         if key in METRICS:
@@ -379,10 +411,48 @@ def table_ablation(col: Collection, table: str,
     if excluded:
         extra.append(TeX(r"\textit{not run in this protocol}: listed in this protocol's "
                          r"\texttt{exclude\_rows} (params/protocols.yaml)."))
+    extra.append(NOTE_DIFF)
+    if not ours_table:
+        extra.append(NOTE_CLAIM)
     model.notes = _notes(block.entries, extra)
-    model.caption = TeX(rf"Paper's Table {roman(params, table)}: {escape(spec.title)}. "
-                        + _proto_phrase(col) + " " + LEGEND)
+    if ours_table:
+        model.caption = TeX(rf"Our Table {roman(params, table)} (not in the paper; no paper "
+                            rf"numbers): {escape(spec.title)}. " + _proto_phrase(col, "ablation")
+                            + r" Best of ours per column in bold, second underlined.")
+    else:
+        model.caption = TeX(rf"Paper's Table {roman(params, table)}: {escape(spec.title)}. "
+                            + _proto_phrase(col, "ablation") + " " + LEGEND)
     return model
+
+
+def _claims_by_row(claims: list[Claim]) -> dict[str, Claim]:
+    """The claim shown on each row: the sign claim of a row, the 'best' claim on the paper's
+    best row (which is the default row in every paper table)."""
+    out = {c.row: c for c in claims if c.kind == "sign"}
+    out.update({c.row: c for c in claims if c.kind == "best"})
+    return out
+
+
+def diff_cell(iv: Interval | None) -> Cell:
+    """Our paired difference to the default, marked when its interval excludes zero."""
+    if iv is None or iv.mean is None:
+        return Cell(override=DASH if iv is not None else TeX(r"\paperval{(ref.)}"))
+    return Cell(override=TeX(signed(iv.mean, 1) + (MARK_SIG if iv.decided else "")))
+
+
+def diff_below(iv: Interval | None) -> TeX:
+    """The second line under our difference: its interval (none with one seed)."""
+    if iv is None or iv.lo is None:
+        return TeX("")
+    return TeX(rf"\paperval{{[{signed(iv.lo, 1)}, {signed(iv.hi, 1)}]}}")
+
+
+def claim_cell(claim: Claim | None) -> Cell:
+    if claim is None:
+        return Cell(override=TeX(""))
+    what = r"\emph{best}" if claim.kind == "best" else (
+        "$>$" if (claim.paper_diff or 0) > 0 else "$<$")
+    return Cell(override=TeX(f"{what}: {VERDICT_TEXT[claim.verdict]}"))
 
 
 def render_table(col: Collection, table: str,
@@ -398,8 +468,9 @@ def render_table(col: Collection, table: str,
 def default_paper_costs(params, protocol: str) -> dict:
     """The paper's params/FLOPs of Omni-AD's default: from the first ablation row that *is*
     the default variant (found through :func:`omniad.grid.tables_of`)."""
-    ds = params.protocol(protocol).ablation_dataset
-    run = Run(protocol=protocol, dataset=ds, method="omniad", variant="default", seed=0)
+    proto = params.protocol(protocol)
+    run = Run(protocol=protocol, dataset=proto.ablation_dataset, method="omniad",
+              variant="default", seed=proto.seeds_for("ablation")[0])
     for table, row in tables_of(params, run):
         entry = paper_row(params, table, row)
         if isinstance(entry, dict) and entry.get("params_m") is not None:
