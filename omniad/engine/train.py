@@ -93,6 +93,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
 
     state = load_checkpoint(ckpt_path)
     start_epoch, start_iter, history, elapsed = 0, 0, [], 0.0
+    started_at = time.time()  # wall-clock start of the training (kept across resumes)
     if state is not None:
         if state["config_hash"] != rt.config_hash:
             raise RuntimeError(f"{ckpt_path}: written for another config "
@@ -105,6 +106,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         set_rng_state(state["rng"])
         start_epoch, start_iter = state["epoch"], state["iter"]
         history, elapsed = state["history"], state["elapsed_s"]
+        started_at = state.get("started_at", started_at)
         print(f"[train] {cfg['run']}: resuming at epoch {start_epoch} iteration {start_iter}",
               flush=True)
     elif cfg.get("encoder_bn") == "train":
@@ -117,7 +119,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
             "schedulers": [s.state_dict() for s in schedulers],
             "rng": rng_state(), "epoch": epoch, "iter": it, "history": history,
             "epoch_losses": epoch_losses, "elapsed_s": elapsed + (time.perf_counter() - t0),
-            "config_hash": rt.config_hash,
+            "config_hash": rt.config_hash, "started_at": started_at,
         }, ckpt_path)
         write_json_atomic(run_dir / "history.json", {"run": cfg["run"], "epochs": history})
 
@@ -175,7 +177,9 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
     summary = {"train_wall_s": round(wall, 3), "train_steps": total,
                "train_images_per_s": round(images_seen / max(time.perf_counter() - t0, 1e-9), 2),
                "final_loss": history[-1]["loss"] if history else None,
-               "peak_mem_mb": rt.peak_memory_mb()}
+               "peak_mem_mb": rt.peak_memory_mb(),
+               # unix seconds: the MLflow run's start and end (omniad/tracking.py)
+               "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
     write_json_atomic(run_dir / "train.json", summary)
     ckpt_path.unlink(missing_ok=True)
     return summary
