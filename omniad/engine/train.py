@@ -114,12 +114,13 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
 
     def save(epoch: int, it: int, epoch_losses: list[float]) -> None:
         atomic_torch_save({
+            "started_at": started_at,
             "model": model.state_dict(),
             "optimizers": [o.state_dict() for o in optimizers],
             "schedulers": [s.state_dict() for s in schedulers],
             "rng": rng_state(), "epoch": epoch, "iter": it, "history": history,
             "epoch_losses": epoch_losses, "elapsed_s": elapsed + (time.perf_counter() - t0),
-            "config_hash": rt.config_hash, "started_at": started_at,
+            "config_hash": rt.config_hash,
         }, ckpt_path)
         write_json_atomic(run_dir / "history.json", {"run": cfg["run"], "epochs": history})
 
