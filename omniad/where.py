@@ -41,14 +41,20 @@ def _pdf(reports: Path) -> str:
     return f"not built, {why}"
 
 
+#: MLflow 3.17's UI opens experiments by a per-browser GenAI / Model training switch (default
+#: GenAI: the traces overview); this parameter selects Model training, i.e. the runs table.
+UI_URL = "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+
+
 def _mlflow() -> str:
     from omniad.tracking import DEFAULT_URI, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
-        hint = "" if uri != DEFAULT_URI else "  (browse: mlflow ui --backend-store-uri " \
-                                              "sqlite:///mlruns.db)"
+        hint = "" if uri != DEFAULT_URI else (
+            "  (browse: mlflow ui --backend-store-uri sqlite:///mlruns.db, then open "
+            f"{UI_URL}: the runs tables)")
         return f"{uri}{hint}" if db.is_file() else f"{uri}: no store yet (`omniad track init`)"
     return f"{uri}  (server; not contacted)"
 
