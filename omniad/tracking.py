@@ -226,12 +226,19 @@ def paper_metrics(params: Params, table: str, row: str, dataset: str) -> dict[st
     return out
 
 
+def _user() -> str:
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "unknown"
+
+
 def _source_tags(metrics: dict[str, Any]) -> dict[str, str]:
     """MLflow's standard source tags: what ran (the entry point), from which commit, by whom."""
     git = metrics["meta"].get("git") or {}
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "omniad/cli.py",
             "mlflow.project.entryPoint": "omniad train + omniad evaluate",
-            "mlflow.user": os.environ.get("USER") or getpass.getuser()}
+            "mlflow.user": _user()}
     if git.get("commit"):
         tags["mlflow.source.git.commit"] = str(git["commit"])
     if git.get("dirty") is not None:
@@ -347,7 +354,11 @@ def sync(protocol: str | None = None) -> int:
 def cli(args: argparse.Namespace) -> int:
     protocol = args.protocol or load_params().default_protocol
     if args.what == "init":
-        ids = init_store(protocol)
+        try:
+            ids = init_store(protocol)
+        except ConnectionError as exc:  # the DAG's onstart: training goes on without it
+            print(f"[track] {exc}; runs will be logged by `omniad track sync` later", flush=True)
+            return 0
         print(f"[track] {tracking_uri()}: {len(ids)} experiments ready for {protocol}")
     else:
         print(f"[track] synced {sync(args.protocol)} runs to {tracking_uri()}")

@@ -243,3 +243,20 @@ def test_server_going_away_mid_run_then_sync(store, capsys) -> None:
     assert info["status"] == "FINISHED"
     gone = server.api("GET", "runs/get", params={"run_id": stale})["run"]["info"]
     assert gone["lifecycle_stage"] == "deleted"
+
+
+def test_training_times_without_stamps_and_paper_columns(tmp_path: Path) -> None:
+    """Runs trained before train.json held its start and end: the end is train.json's
+    modification time, the start that minus the training's wall time."""
+    from omniad.tracking import paper_metrics, training_times
+
+    (tmp_path / "train.json").write_text(json.dumps({"train_wall_s": 12.5}))
+    os.utime(tmp_path / "train.json", (1_700_000_050.0, 1_700_000_050.0))
+    assert training_times(tmp_path, {"meta": {}}) == (1_700_000_037_500, 1_700_000_050_000)
+    params = load_params()
+    # Table I by the method's label, Table II's seven metrics as a list, both on a 0-1 scale
+    assert paper_metrics(params, "table1", "omniad", "mvtec_ad")["paper_mad"] == 0.864
+    assert paper_metrics(params, "table1", "rd4ad", "visa")["paper_image_auroc"] == 0.924
+    two = paper_metrics(params, "table2", "q", "mvtec_ad")
+    assert two["paper_pixel_aupro"] == 0.931 and "paper_mad" not in two
+    assert paper_metrics(params, "table1", "omniad", "demo") == {}
