@@ -60,6 +60,9 @@ def _report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="aggregate results, write LaTeX tables, figures, PDF")
     p.add_argument("--protocol", default=None)
     p.add_argument("--no-pdf", action="store_true")
+    p.add_argument("--selection", choices=["final", "released-max"], default="final",
+                   help="what the tables show: the final model (default) or the released "
+                        "trainers' per-metric maximum over the evaluations")
     p.set_defaults(func=lambda a: __import__("omniad.report", fromlist=["x"]).cli(a))
 
 

@@ -259,6 +259,17 @@ def _replace_stale(client: Any, exp: str, run_key: str, table: str, digest: str)
     return found
 
 
+def evaluation_metrics(metrics: dict[str, Any], ts: int) -> list[Any]:
+    """The periodic evaluations as MLflow steps (``eval.<metric>`` at step = epoch, mean row)
+    and the released-style maximum (``released_max.<metric>``)."""
+    from mlflow.entities import Metric
+
+    out = [Metric(f"eval.{k}", float(v), ts, int(e["epoch"]))
+           for e in metrics.get("evaluations", []) for k, v in e["mean"].items()]
+    best = (metrics.get("released_max") or {}).get("mean", {})
+    return out + [Metric(f"released_max.{k}", float(v), ts, 0) for k, v in best.items()]
+
+
 def log_run(run_dir: Path) -> list[str]:
     """Log one finished run to every table experiment it belongs to; returns MLflow run ids."""
     raw = (run_dir / "metrics.json").read_bytes()
@@ -307,6 +318,7 @@ def log_run(run_dir: Path) -> list[str]:
             ms += [Metric(k, v, end, 0) for k, v in metrics["mean"].items()]
             ms += [Metric(k, v, end, 0)
                    for k, v in paper_metrics(params, table, row, run.dataset).items()]
+            ms += evaluation_metrics(metrics, end)
             for cat, vals in metrics["per_category"].items():
                 ms += [Metric(f"{cat}.{k}", v, end, 0) for k, v in vals.items()]
             for k in ("train_wall_s", "eval_wall_s", "test_images_per_s", "train_images_per_s",
