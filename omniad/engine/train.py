@@ -112,6 +112,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
 
     state = load_checkpoint(ckpt_path)
     start_epoch, start_iter, history, elapsed = 0, 0, [], 0.0
+    started_at = time.time()  # wall-clock start of the training (kept across resumes)
     if state is not None:
         if state["config_hash"] != rt.config_hash:
             raise RuntimeError(f"{ckpt_path}: written for another config "
@@ -124,6 +125,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         set_rng_state(state["rng"])
         start_epoch, start_iter = state["epoch"], state["iter"]
         history, elapsed = state["history"], state["elapsed_s"]
+        started_at = state.get("started_at", started_at)
         evaluations = list(state.get("evaluations", []))
         print(f"[train] {cfg['run']}: resuming at epoch {start_epoch} iteration {start_iter}",
               flush=True)
@@ -136,6 +138,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
 
     def save(epoch: int, it: int, epoch_losses: list[float]) -> None:
         atomic_torch_save({
+            "started_at": started_at,
             "model": model.state_dict(),
             "optimizers": [o.state_dict() for o in optimizers],
             "schedulers": [s.state_dict() for s in schedulers],
@@ -200,7 +203,9 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
                                                              1e-9), 2),
                "periodic_eval_wall_s": round(sum(e.get("eval_wall_s", 0) for e in evaluations), 3),
                "final_loss": history[-1]["loss"] if history else None,
-               "peak_mem_mb": rt.peak_memory_mb()}
+               "peak_mem_mb": rt.peak_memory_mb(),
+               # unix seconds: the MLflow run's start and end (omniad/tracking.py)
+               "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
     write_json_atomic(run_dir / "train.json", summary)
     ckpt_path.unlink(missing_ok=True)
     return summary
