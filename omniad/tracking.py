@@ -83,7 +83,10 @@ def experiment_note(params: Params, protocol: str, table: str) -> str:
     else:
         varies = (f"`{spec.axis}` of Omni-AD (param `row`: "
                   f"{', '.join(spec.rows)}) on {proto.ablation_dataset}")
-    return (f"**{table}: {spec.title}** (protocol `{protocol}`, seeds {proto.seeds}).\n\n"
+    if spec.source == "ours":
+        varies += "; a table of ours, not the paper's (no `paper_*` columns)"
+    return (f"**{table}: {spec.title}** (protocol `{protocol}`, seeds "
+            f"{proto.seeds_for(spec.kind)}, each its own run, tag `seed`).\n\n"
             f"What varies: {varies}. Select the runs and press Compare: metrics `image_auroc` "
             f"... `mad` are ours (0-1, mean over categories), `paper_*` the paper's (0-1), "
             f"per-category metrics are `<category>.<metric>`. Start and end are the "
