@@ -41,7 +41,7 @@ def test_where_says_what_is_missing_then_where_products_are(
     (tmp_path / "mlruns.db").write_bytes(b"")
     found = dict(lines("demo", repo=tmp_path, results=results))
     assert found["PDF"].endswith("report.pdf")
-    assert found["Tables"].endswith("(1 of 7)")
+    assert found["Tables"].endswith("(1 of 8)")
     assert found["Results"].endswith(f"(1 of {n} runs evaluated)")
     assert found["DVC"].endswith("summary/metrics.json  (dvc metrics show)")
     assert found["MLflow"].startswith("sqlite:///") and "no store" not in found["MLflow"]
