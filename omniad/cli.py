@@ -27,6 +27,13 @@ def _run_cmds(sub: argparse._SubParsersAction) -> None:
             __import__("omniad.engine.runner", fromlist=["x"]), f"cli_{n}")(a))
 
 
+def _features(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("features", help="compute a run's frozen-encoder feature cache once")
+    p.add_argument("run", help="run key; every run with the same feature key shares it")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
+    p.set_defaults(func=lambda a: __import__("omniad.engine.runner", fromlist=["x"]).cli_features(a))
+
+
 def _grid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="the experiment grid of params/")
     p.add_argument("what", choices=["runs", "count", "check"])
@@ -98,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data(sub)
     _run_cmds(sub)
+    _features(sub)
     _grid(sub)
     _track(sub)
     _report(sub)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from omniad.atomic import write_json_atomic
 from omniad.engine import PREEMPTED_EXIT
+from omniad.engine.features import FeatureCache, calibration_indices, step_inputs
 from omniad.engine.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
@@ -28,7 +29,7 @@ from omniad.engine.checkpoint import (
 from omniad.engine.progress import Progress
 from omniad.engine.runtime import Runtime
 from omniad.models.base import ADMethod
-from omniad.models.encoder import calibrate_random_backbones
+from omniad.models.encoder import FrozenBackbone, calibrate_random_backbones
 
 
 class StopFlag:
@@ -63,20 +64,25 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
 CALIBRATION_IMAGES = 256
 
 
-def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime) -> None:
+def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime,
+              skip: tuple[FrozenBackbone, ...] = ()) -> None:
     """Random encoders' BatchNorm statistics from training images (a pure function of the
-    data); saved with the weights, hence also used on resume and at test time."""
-    n = len(dataset)
-    idx = torch.linspace(0, n - 1, min(n, CALIBRATION_IMAGES)).round().long().unique().tolist()
+    data); saved with the weights, hence also used on resume and at test time. ``skip``: a
+    backbone whose calibrated state comes from the feature cache (computed the same way)."""
+    if not any(isinstance(m, FrozenBackbone) and m.pretrained == "random"
+               and not any(m is k for k in skip) for m in model.modules()):
+        return
+    idx = calibration_indices(len(dataset), CALIBRATION_IMAGES)
     images = torch.stack([dataset[i]["image"] for i in idx]).to(rt.device)
-    count = calibrate_random_backbones(model, images)
+    count = calibrate_random_backbones(model, images, skip=skip)
     print(f"[train] {cfg['run']}: BatchNorm statistics of {count} random encoder(s) estimated "
           f"from {len(idx)} training images", flush=True)
 
 
 def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
-          rt: Runtime) -> dict[str, Any]:
-    """Train (or resume) one run; returns the training summary written to train.json."""
+          rt: Runtime, features: FeatureCache | None = None) -> dict[str, Any]:
+    """Train (or resume) one run; returns the training summary written to train.json.
+    With ``features``, batches carry the cached encoder features instead of images."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     batch, epochs, seed = cfg["batch_size"], cfg["epochs"], cfg["seed"]
@@ -92,6 +98,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
     clip = cfg["optim"].get("clip_grad")
 
     state = load_checkpoint(ckpt_path)
+    cached_bb = None if features is None else features.backbone(model)
     start_epoch, start_iter, history, elapsed = 0, 0, [], 0.0
     if state is not None:
         if state["config_hash"] != rt.config_hash:
@@ -105,10 +112,17 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         set_rng_state(state["rng"])
         start_epoch, start_iter = state["epoch"], state["iter"]
         history, elapsed = state["history"], state["elapsed_s"]
+        if features is not None:
+            features.attach(model, fresh=False)
         print(f"[train] {cfg['run']}: resuming at epoch {start_epoch} iteration {start_iter}",
               flush=True)
-    elif cfg.get("encoder_bn") == "train":
-        calibrate(model, dataset, cfg, rt)
+    else:
+        if features is not None:
+            features.attach(model, fresh=True)
+        if cfg.get("encoder_bn") == "train":
+            calibrate(model, dataset, cfg, rt, skip=(cached_bb,) if cached_bb else ())
+    source = dataset if features is None else features.dataset
+    rt.compile_modules(model)
 
     def save(epoch: int, it: int, epoch_losses: list[float]) -> None:
         atomic_torch_save({
@@ -130,15 +144,13 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         for epoch in range(start_epoch, epochs):
             batches = epoch_batches(n, batch, seed, epoch)
             first = start_iter if epoch == start_epoch else 0
-            loader = DataLoader(dataset, batch_sampler=batches[first:], num_workers=rt.workers,
+            loader = DataLoader(source, batch_sampler=batches[first:], num_workers=rt.workers,
                                 pin_memory=rt.device.type == "cuda",
                                 generator=torch.Generator(), persistent_workers=False)
             for it, item in enumerate(loader, start=first):
-                images = item["image"].to(rt.device, non_blocking=True)
-                if rt.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
                 step = epoch * steps_per_epoch + it
-                with rt.autocast():
+                with step_inputs(item, cached_bb, rt, cfg["image_size"]) as images, \
+                        rt.autocast():
                     terms = model.training_step(images, step)
                 loss = terms["loss"]
                 for o in optimizers:
