@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from omniad.atomic import write_json_atomic
 from omniad.engine import PREEMPTED_EXIT
-from omniad.engine.features import FeatureCache, calibration_indices, step_inputs
 from omniad.engine.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
     rng_state,
     set_rng_state,
 )
+from omniad.engine.features import FeatureCache, calibration_indices, step_inputs
 from omniad.engine.progress import Progress
 from omniad.engine.runtime import Runtime
 from omniad.models.base import ADMethod
