@@ -415,8 +415,11 @@ def feature_key(cfg: dict[str, Any]) -> dict[str, Any] | None:
 def features_dir(key: dict[str, Any]) -> Path:
     """Where the features of a feature key live: $OMNIAD_CACHE/features/<dataset>-<size>-<hash>."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    return (Path(os.environ.get("OMNIAD_CACHE", REPO / "cache")) / "features"
-            / f"{key['dataset']}-{key['image_size']}-{digest[:12]}")
+    return features_root() / f"{key['dataset']}-{key['image_size']}-{digest[:12]}"
+
+
+def features_root() -> Path:
+    return Path(os.environ.get("OMNIAD_CACHE", REPO / "cache")) / "features"
 
 
 def tables_of(params: Params, run: Run) -> list[tuple[str, str]]:
