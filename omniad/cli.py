@@ -36,11 +36,21 @@ def _features(sub: argparse._SubParsersAction) -> None:
 
 def _grid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="the experiment grid of params/")
-    p.add_argument("what", choices=["runs", "count", "check"])
+    p.add_argument("what", choices=["runs", "count", "check", "cost"])
     p.add_argument("--protocol", default=None)
+    p.add_argument("--throughput", default=None, help="cost: benchmarks/train_throughput.py "
+                   "--json output (default results/throughput.json when present)")
+    p.add_argument("--images-per-s", type=float, default=None,
+                   help="cost: your measured train images/s for runs with no other measure")
+    p.add_argument("--summary", action="store_true", help="cost: the total line only")
 
     def run(a: argparse.Namespace) -> int:
         from omniad.grid import enumerate_runs, load_params
+
+        if a.what == "cost":
+            from omniad.gridcost import cli as cost
+
+            return cost(a)
 
         params = load_params()
         runs = enumerate_runs(params, a.protocol or params.default_protocol)
