@@ -24,9 +24,14 @@ test: venv
 test-fast: venv
 	$(BIN)/pytest -q -n auto -m "not slow"
 
-demo: venv
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --config protocol=demo
-	@$(BIN)/python -m omniad.cli where --protocol demo
+# Timed from the start, venv creation included (the newcomer's wall time).
+demo:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory venv && \
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --config protocol=demo && \
+	$(BIN)/python -m omniad.cli where --protocol demo; \
+	rc=$$?; t=$$(( $$(date +%s) - start )); \
+	echo "[demo] total wall time: $$((t / 60)) min $$((t % 60)) s (exit $$rc)"; exit $$rc
 
 lint: venv
 	$(BIN)/ruff check omniad tests benchmarks workflow
