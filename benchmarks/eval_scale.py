@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metrics import _reset_hwm, _rss_kib, make_category  # noqa: E402
+from metrics import _LIBC, _reset_hwm, _rss_kib, make_category  # noqa: E402
 
 from omniad.metrics import METRIC_KEYS, CategoryAccumulator, evaluate_category  # noqa: E402
 
@@ -39,6 +39,14 @@ BATCH = 32
 
 def _peak_mib() -> float:
     return _rss_kib("VmHWM") / 1024
+
+
+def _start() -> float:
+    """RSS (MiB) after returning freed heap to the OS, with the peak reset to it."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    _reset_hwm()
+    return _rss_kib() / 1024
 
 
 _POOLS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -84,14 +92,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--categories", type=int, default=REAL_IAD_CATEGORIES)
     ap.add_argument("--total", type=int, default=REAL_IAD_TEST)
     ap.add_argument("--skip-array", action="store_true", help="(a) without the all-in-RAM run")
+    ap.add_argument("--only-set", action="store_true", help="(b) only")
     a = ap.parse_args(argv)
 
     # (a) one category at 256 px
     n = a.category_maps
     make_batch(1, 256, np.random.default_rng(0))  # the pools are not part of any peak
     make_batch(1, a.size, np.random.default_rng(0))
-    _reset_hwm()
-    base = _rss_kib() / 1024
+    if not a.only_set:
+        stream_peak = category(a, n)
+    else:
+        stream_peak = float("nan")
+    whole_set(a, stream_peak)
+
+
+def category(a: argparse.Namespace, n: int) -> float:
+    """(a): one category at 256 px, streamed and held; returns the streaming peak (MiB)."""
+    base = _start()
     out, t_acc, t_gen = stream_category(n, 256, 0)
     stream_peak = _peak_mib() - base
     print(f"(a) one category, {n} maps of 256x256 ({n * 65536 / 1e6:.0f}M pixels)")
@@ -105,8 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         masks = np.concatenate([k for _, k in parts])
         del parts
         held = (maps.nbytes + masks.nbytes) / 2**20
-        _reset_hwm()
-        base2 = _rss_kib() / 1024
+        base2 = _start()
         t0 = time.perf_counter()
         ref = evaluate_category(maps, masks)
         t_arr = time.perf_counter() - t0
@@ -121,14 +137,16 @@ def main(argv: list[str] | None = None) -> None:
           f"{n} x 256 x 256 x 8 B x 2; streaming / released = {stream_peak / rel:.3f}")
     print("    mAD {:.1f}, pixel AU-ROC {:.1f}, AU-PRO {:.1f}".format(
         100 * out["mad"], 100 * out["pixel_auroc"], 100 * out["pixel_aupro"]))
+    return stream_peak
 
-    # (b) the whole test set, category by category, at reduced size
+
+def whole_set(a: argparse.Namespace, stream_peak: float) -> None:
+    """(b): every category of a Real-IAD-sized test set, streamed at reduced size."""
     per_cat = [a.total // a.categories + (i < a.total % a.categories) for i in range(a.categories)]
     scale = (256 / a.size) ** 2
     print(f"\n(b) whole test set: {sum(per_cat)} maps in {a.categories} categories at "
           f"{a.size}x{a.size} (x{scale:.0f} pixels at 256 px)")
-    _reset_hwm()
-    base = _rss_kib() / 1024
+    base = _start()
     peaks, t_total, t_gen_total = [], 0.0, 0.0
     t_wall = time.perf_counter()
     for c, m in enumerate(per_cat):
