@@ -64,9 +64,12 @@ def _peak_mib(device: torch.device) -> float:
 
 def build(method: str, size: int, device: torch.device) -> tuple[Any, dict[str, Any]]:
     spec = load_params().methods[method]
-    model_cfg = {**spec.model, "pretrained": False}
-    if "image_size" in _import(spec.builder).config_class.model_fields:
+    model_cfg = {**spec.model, "pretrained": False}  # the released model, at `size` px
+    fields = _import(spec.builder).config_class.model_fields
+    if "image_size" in fields:
         model_cfg["image_size"] = size
+    if "grid" in fields:  # MambaAD's scan grid: input size / 32
+        model_cfg["grid"] = size // 32
     seed_everything(42)
     model = _import(spec.builder)(**model_cfg).to(device)
     optim = dict(spec.optim)
@@ -154,7 +157,7 @@ def fp16_loss_effect(method: str, size: int, device: torch.device, pool: torch.T
         idx = list(range(min(16, pool.shape[0])))
         feats = [torch.from_numpy(a[idx].astype(np.float32)).to(device) for a in arrays]
         torch.manual_seed(7)
-        with bb.feed(feats):
+        with bb.feed(feats), torch.no_grad():
             out.append(float(model.training_step(
                 torch.empty((len(idx), 3, size, size), device="meta"), 0)["loss"]))
     return abs(out[1] - out[0]) / abs(out[0])
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--size", type=int, default=None, help="px (default 256 cuda, 64 cpu)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30 cuda, 4 cpu)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30 cuda, 3 cpu)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 cuda, 1 cpu)")
     ap.add_argument("--methods", nargs="+", default=["omniad", "mambaad"])
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     size = a.size or (256 if cuda else 64)
-    steps = a.steps or (30 if cuda else 4)
+    steps = a.steps or (30 if cuda else 3)
     warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
     if not cuda:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
