@@ -5,10 +5,13 @@ ours:     the encoder's features come from a memory-mapped feature cache (what
           omniad/engine/features.py writes; read per batch here as in training); on CUDA also
           bf16 autocast + torch.compile (the protocol's GPU options).
 
-Both train the method's own training step (loss, backward, gradient clip, AdamW step) on the
-same batches with the released hyper-parameters; the encoder is random (no weights offline;
-throughput does not depend on the weights' values). It also measures the effect of a float16
-feature cache on the loss (same weights, same batch, same RNG: relative difference).
+The configurations are built and warmed up one after the other (each one's peak memory is
+read then, above the memory in use before it was built), and their timed steps interleave, so
+a busy machine slows them alike. Both train the method's own training step (loss, backward,
+gradient clip, AdamW step) on the same batches with the released hyper-parameters; the
+encoder is random (no weights offline; throughput does not depend on the weights' values).
+It also measures the effect of a float16 feature cache on the loss (same weights, same
+batch, same RNG: relative difference).
 
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py              # CPU, 64 px, minutes
     python benchmarks/train_throughput.py --device cuda --json out.json  # 256 px, batch 16
@@ -94,48 +97,73 @@ def write_feature_cache(model: Any, pool: torch.Tensor, folder: Path, dtype: Any
     return arrays
 
 
-def time_loop(model: Any, optim_cfg: dict[str, Any], rt: Runtime, batches: list[Any],
-              warmup: int, cached: bool, size: int) -> dict[str, float]:
-    """images/s over the timed steps (after warmup), peak memory, the losses."""
-    opts, scheds = model.configure_optimizers(optim_cfg, 10_000)
-    clip = optim_cfg.get("clip_grad")
-    bb = getattr(model, model.cached_backbone)
-    model.train()
-    rt.compile_modules(model)
-    losses, t0, seen = [], 0.0, 0
-    _reset_peak(rt.device)
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, seen = time.perf_counter(), 0
+class Loop:
+    """One configuration's training loop, stepped from outside so that the configurations'
+    timed steps interleave (same machine load for each: this machine is shared)."""
+
+    def __init__(self, method: str, size: int, rt: Runtime, batches: list[Any], cached: bool,
+                 pool: torch.Tensor, folder: Path) -> None:
+        base = _current_mib(rt.device)
+        _reset_peak(rt.device)
+        self.model, optim_cfg = build(method, size, rt.device)
+        self.rt, self.size, self.cached = rt, size, cached
+        if cached:
+            arrays = write_feature_cache(self.model, pool.to(rt.device), folder, np.float32)
+            batches = [(arrays, idx) for idx in batches]
+        else:
+            batches = [pool[idx] for idx in batches]
+        self.batches = batches
+        self.opts, self.scheds = self.model.configure_optimizers(optim_cfg, 10_000)
+        self.clip = optim_cfg.get("clip_grad")
+        self.bb = getattr(self.model, self.model.cached_backbone)
+        self.model.train()
+        rt.compile_modules(self.model)
+        self.losses: list[float] = []
+        self.seconds, self.images, self.base = 0.0, 0, base
+
+    def step(self, i: int, timed: bool) -> None:
+        rt, batch = self.rt, self.batches[i]
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         torch.manual_seed(1000 + i)  # jitter / released FFN draws: same in every config
-        if cached:  # read the batch's rows from the memmaps, as FeatureDataset does
+        if self.cached:  # read the batch's rows from the memmaps, as FeatureDataset does
             arrays, idx = batch
             feats = [torch.from_numpy(a[idx].astype(np.float32)).to(rt.device, non_blocking=True)
                      for a in arrays]
-            images = torch.empty((len(idx), 3, size, size), device="meta")
-            with bb.feed(feats), rt.autocast():
-                loss = model.training_step(images, i)["loss"]
+            images = torch.empty((len(idx), 3, self.size, self.size), device="meta")
+            with self.bb.feed(feats), rt.autocast():
+                loss = self.model.training_step(images, i)["loss"]
         else:
-            images = batch.to(rt.device, non_blocking=True)
             with rt.autocast():
-                loss = model.training_step(images, i)["loss"]
-        for o in opts:
+                loss = self.model.training_step(batch.to(rt.device, non_blocking=True), i)["loss"]
+        for o in self.opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.clip_parameters(), float(clip))
-        for o in opts:
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.clip_parameters(), float(self.clip))
+        for o in self.opts:
             o.step()
-        for s in scheds:
+        for s in self.scheds:
             s.step()
-        losses.append(float(loss.detach()))
-        seen += len(batch[1]) if cached else batch.shape[0]
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    return {"images_per_s": seen / wall, "peak_mib": _peak_mib(rt.device), "losses": losses}
+        self.losses.append(float(loss.detach()))  # syncs, as the engine's loop does
+        if timed:
+            self.seconds += time.perf_counter() - t0
+            self.images += len(batch[1]) if self.cached else batch.shape[0]
+
+    def peak_mib(self) -> float:
+        """Peak memory of this configuration (model, optimizer, steps) above the start;
+        read right after its warm-up steps, before the next configuration is built."""
+        return _peak_mib(self.rt.device) - self.base
+
+
+def _current_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def encoder_share(method: str, size: int, device: torch.device, pool: torch.Tensor,
@@ -213,24 +241,26 @@ def main(argv: list[str] | None = None) -> None:
           f"{warmup} warm-up")
     with tempfile.TemporaryDirectory() as tmp:
         for method in a.methods:
-            rows = {}
-            for name, opts, cached in configs:
-                model, optim = build(method, size, device)
-                rt = Runtime(device, 0, **opts)
-                if cached:
-                    arrays = write_feature_cache(model, pool.to(device), Path(tmp), np.float32)
-                    batches: list[Any] = [(arrays, idx) for idx in idx_batches]
-                else:
-                    batches = [pool[idx] for idx in idx_batches]
-                r = time_loop(model, optim, rt, batches, warmup, cached, size)
-                rows[name] = r
-                base = rows["released"]["images_per_s"]
+            loops, peaks = {}, {}
+            for name, opts, cached in configs:  # built and warmed up one after the other
+                loops[name] = Loop(method, size, Runtime(device, 0, **opts), idx_batches,
+                                   cached, pool, Path(tmp))
+                for i in range(warmup):
+                    loops[name].step(i, timed=False)
+                peaks[name] = loops[name].peak_mib()
+            for i in range(warmup, n):  # timed steps, interleaved
+                for loop in loops.values():
+                    loop.step(i, timed=True)
+            rows = {name: {"images_per_s": lp.images / lp.seconds, "peak_mib": peaks[name],
+                           "losses": lp.losses} for name, lp in loops.items()}
+            del loops
+            base = rows["released"]["images_per_s"]
+            for name, r in rows.items():
                 same = "" if name == "released" else f"  loss: {_compare(r, rows['released'])}"
                 hours = MVTEC_TRAIN * RELEASED_EPOCHS / r["images_per_s"] / 3600
                 print(f"[throughput] {method:8s} {name:30s} {r['images_per_s']:8.2f} img/s  "
                       f"x{r['images_per_s'] / base:5.2f}  peak {r['peak_mib']:8.0f} MiB  "
                       f"1000-epoch MVTec-AD run: {hours:8.1f} h{same}", flush=True)
-                del model
             eff = fp16_loss_effect(method, size, device, pool[:16].to(device), Path(tmp))
             print(f"[throughput] {method:8s} float16 feature cache: loss rel diff {eff:.1e} "
                   "(one step, same weights, batch and RNG)")

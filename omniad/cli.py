@@ -21,8 +21,8 @@ def _run_cmds(sub: argparse._SubParsersAction) -> None:
         p.add_argument("run", help="run key protocol/dataset/method/variant/seed "
                                    "(see `omniad grid runs`)")
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-        p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (not released)")
-        p.add_argument("--channels-last", action="store_true", help="channels_last on CUDA")
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast (as the protocol's bf16: true)")
+        p.add_argument("--channels-last", action="store_true", help="channels_last (as the protocol's)")
         p.set_defaults(func=lambda a, n=name: getattr(
             __import__("omniad.engine.runner", fromlist=["x"]), f"cli_{n}")(a))
 

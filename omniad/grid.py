@@ -391,7 +391,8 @@ def feature_key(cfg: dict[str, Any]) -> dict[str, Any] | None:
     (cache off, or a method whose backbone input is not cacheable). Runs with equal keys share
     one feature cache: the dataset and its categories at this size, the backbone (class,
     arguments, weights tag), the random init's seed when there are no pretrained weights, the
-    BatchNorm calibration, and the storage precision. The engine also checks the built
+    BatchNorm calibration, the storage precision, the code and library versions that compute
+    them. The engine also checks the built
     encoder's state fingerprint against the cache's, so what the key misses cannot pass."""
     if cfg.get("feature_cache", "off") == "off":
         return None
@@ -406,10 +407,18 @@ def feature_key(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
         arch = kwargs.get("arch", "")
         kwargs["pretrained"] = DEFAULT_TAGS.get(arch, arch)
+    from importlib.metadata import version
+
+    from omniad.codehash import fingerprint
+
     return {"dataset": cfg["dataset"], "categories": cfg.get("categories"),
             "image_size": cfg["image_size"], "backbone": {**spec, "kwargs": kwargs},
             "init_seed": cfg["seed"] if random_init else None,
-            "encoder_bn": cfg["encoder_bn"], "dtype": cfg["feature_cache"]}
+            "encoder_bn": cfg["encoder_bn"], "dtype": cfg["feature_cache"],
+            # the code that computes them (the backbone's module and what it imports) and
+            # the libraries whose kernels do: an edit or an upgrade recomputes them
+            "code": fingerprint(str(spec["class"]).partition(":")[0], "omniad.engine.features"),
+            "versions": {pkg: version(pkg) for pkg in ("torch", "timm")}}
 
 
 def features_dir(key: dict[str, Any]) -> Path:
