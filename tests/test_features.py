@@ -90,6 +90,7 @@ def test_cached_features_equal_the_models_encoder_output(two_epochs, tmp_path) -
         assert not torch.equal(g, w)
 
 
+@pytest.mark.slow
 def test_float16_cache_moves_the_loss_little(two_epochs, tmp_path) -> None:
     ref_model, ref_hist = _train(two_epochs, tmp_path / "images")
     _set_protocol(two_epochs, feature_cache="float16")
