@@ -187,7 +187,8 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
     summary = {"train_wall_s": round(wall, 3), "train_steps": total,
                "train_images_per_s": round(images_seen / max(time.perf_counter() - t0, 1e-9), 2),
                "final_loss": history[-1]["loss"] if history else None,
-               "peak_mem_mb": rt.peak_memory_mb()}
+               "peak_mem_mb": rt.peak_memory_mb(),
+               "features": None if features is None else features.folder.name}
     write_json_atomic(run_dir / "train.json", summary)
     ckpt_path.unlink(missing_ok=True)
     return summary
