@@ -89,6 +89,7 @@ def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
         "encoder_weights": "+".join(weights) if weights else None,
         "train_wall_s": train_info.get("train_wall_s"),
         "train_images_per_s": train_info.get("train_images_per_s"),
+        "feature_cache": train_info.get("features"),  # the cache training read, if any
         "eval_wall_s": result["eval_wall_s"], "test_images_per_s": result["test_images_per_s"],
         "test_images": result["test_images"],
         "peak_mem_mb": max(train_info.get("peak_mem_mb") or 0, rt.peak_memory_mb()),
