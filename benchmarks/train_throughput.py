@@ -5,9 +5,10 @@ ours:     the encoder's features come from a memory-mapped feature cache (what
           omniad/engine/features.py writes; read per batch here as in training); on CUDA also
           bf16 autocast + torch.compile (the protocol's GPU options).
 
-The configurations are built and warmed up one after the other (each one's peak memory is
-read then, above the memory in use before it was built), and their timed steps interleave, so
-a busy machine slows them alike. Both train the method's own training step (loss, backward,
+The configurations are built and warmed up one after the other, and their timed steps
+interleave, so a busy machine slows them alike. Peak memory: on CUDA each configuration's
+allocations above those before it was built; on CPU the peak RSS of a fresh process that builds
+it and runs its warm-up steps. Both train the method's own training step (loss, backward,
 gradient clip, AdamW step) on the same batches with the released hyper-parameters; the
 encoder is random (no weights offline; throughput does not depend on the weights' values).
 It also measures the effect of a float16 feature cache on the loss (same weights, same
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import tempfile
@@ -207,6 +209,27 @@ def fp16_loss_effect(method: str, size: int, device: torch.device, pool: torch.T
     return abs(out[1] - out[0]) / abs(out[0])
 
 
+def _data(size: int, batch: int, n: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """The image pool and the n batches of indices (same in every process)."""
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randn(n * batch, 3, size, size, generator=gen)
+    order = torch.randperm(pool.shape[0], generator=gen).tolist()
+    return pool, [sorted(order[i * batch:(i + 1) * batch]) for i in range(n)]
+
+
+def _cpu_peak(method: str, size: int, batch: int, warmup: int, cached: bool) -> float:
+    """One CPU configuration's peak RSS above the start of a fresh process (build + warm-up
+    steps): in one process the second configuration would reuse the first one's freed heap."""
+    torch.set_num_threads(1)
+    pool, batches = _data(size, batch, max(warmup, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = Loop(method, size, Runtime(torch.device("cpu"), 0), batches, cached, pool,
+                    Path(tmp))
+        for i in range(max(warmup, 1)):
+            loop.step(i, timed=False)
+        return loop.peak_mib()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -225,10 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cuda:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     n = steps + warmup
-    gen = torch.Generator().manual_seed(0)
-    pool = torch.randn(n * a.batch, 3, size, size, generator=gen)
-    order = torch.randperm(pool.shape[0], generator=gen).tolist()
-    idx_batches = [sorted(order[i * a.batch:(i + 1) * a.batch]) for i in range(n)]
+    pool, idx_batches = _data(size, a.batch, n)
     configs = [("released", dict(), False), ("ours: feature cache", dict(), True)]
     if cuda:
         configs.append(("ours: cache + bf16 + compile",
@@ -248,6 +268,11 @@ def main(argv: list[str] | None = None) -> None:
                 for i in range(warmup):
                     loops[name].step(i, timed=False)
                 peaks[name] = loops[name].peak_mib()
+                if not cuda:  # RSS is no per-configuration measure in one process
+                    ctx = multiprocessing.get_context("spawn")
+                    with ctx.Pool(1) as proc:
+                        peaks[name] = proc.apply(_cpu_peak, (method, size, a.batch, warmup,
+                                                             cached))
             for i in range(warmup, n):  # timed steps, interleaved
                 for loop in loops.values():
                     loop.step(i, timed=True)
