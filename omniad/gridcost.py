@@ -4,8 +4,9 @@ hours(run) = training images x epochs / images per second / 3600, training only 
 is a few passes over the test set). Images/s comes from a measurement, never a guess, in this
 order: the images/s recorded by an earlier run of the same key (``metrics.json`` ->
 ``meta.train_images_per_s``), then the same method's earlier runs of this protocol (mean),
-then the throughput benchmark's JSON (``benchmarks/train_throughput.py --json``; the method's
-best configuration, scaled by pixel count when its image size differs), then a value the
+then the throughput benchmark's JSON (``benchmarks/train_throughput.py --json``, measured on
+the kind of device the protocol's training jobs ask for; the method's full "ours"
+configuration, scaled by pixel count when its image size differs), then a value the
 user passes (``--images-per-s``, measured on their GPU). Each run says which one it used;
 runs with none are listed as unknown rather than priced.
 """
@@ -59,6 +60,10 @@ def estimate(params: Params, protocol: str, throughput: Path | None = None,
     for key, ips in recorded.items():
         by_method.setdefault(key.split("/")[2], []).append(ips)
     bench = json.loads(throughput.read_text()) if throughput else None
+    train = proto.resources.get("train")
+    wants_gpu = train is not None and train.gpu > 0
+    if bench is not None and wants_gpu != (bench.get("device") == "cuda"):
+        bench = None  # a CPU measurement does not price GPU jobs (nor the reverse)
     rows = []
     run: Run
     for run in enumerate_runs(params, protocol):

@@ -51,6 +51,11 @@ def test_measurements_win_over_the_user_value_and_say_so(results, tmp_path) -> N
     assert by["paper/visa/rd4ad/default/42"]["images_per_s"] == pytest.approx(200.0)
     assert "H200" in by["paper/visa/rd4ad/default/42"]["source"]
     assert by["paper/visa/uniad/default/42"]["source"] == "--images-per-s"
+    # a CPU measurement never prices the paper's GPU jobs
+    bench.write_text(json.dumps({"device": "cpu", "size": 64, "methods": {
+        "rd4ad": {"ours_images_per_s": 5.0}}}))
+    by = {r["run"]: r for r in estimate(load_params(), "paper", bench, images_per_s=100.0)}
+    assert by["paper/visa/rd4ad/default/42"]["source"] == "--images-per-s"
 
 
 def test_no_measurement_is_unknown_not_guessed(results, capsys) -> None:
