@@ -77,6 +77,9 @@ def _report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="aggregate results, write LaTeX tables, figures, PDF")
     p.add_argument("--protocol", default=None)
     p.add_argument("--no-pdf", action="store_true")
+    p.add_argument("--selection", choices=["final", "released-max"], default="final",
+                   help="what the tables show: the final model (default) or the released "
+                        "trainers' per-metric maximum over the evaluations")
     p.set_defaults(func=lambda a: __import__("omniad.report", fromlist=["x"]).cli(a))
 
 
@@ -88,23 +91,9 @@ def _weights(sub: argparse._SubParsersAction) -> None:
 
 
 def _where(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("where", help="print where a protocol's products are")
+    p = sub.add_parser("where", help="what a protocol has produced and where; what is missing")
     p.add_argument("--protocol", default=None)
-
-    def run(a: argparse.Namespace) -> int:
-        from omniad.grid import REPO, load_params, results_root
-
-        proto = a.protocol or load_params().default_protocol
-        rep = REPO / "reports" / proto
-        print(f"PDF:     {rep / 'report.pdf'}")
-        print(f"Tables:  {rep / 'tables'}")
-        print(f"Figures: {rep / 'figures'}")
-        print(f"Results: {results_root() / proto}")
-        print(f"MLflow:  {REPO / 'mlruns.db'}  (browse: .venv/bin/mlflow ui "
-              f"--backend-store-uri sqlite:///mlruns.db)")
-        return 0
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda a: __import__("omniad.where", fromlist=["x"]).main(a.protocol))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from omniad.codehash import train_code
+from omniad.codehash import evaluate_code, train_code
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,15 @@ class Resources(_Strict):
     cpus: int = 1
     mem_mb: int = 2000
     runtime: int = 30  # minutes
+
+
+class MethodSchedule(_Strict):
+    """A protocol's schedule for one method, where it differs from the protocol's own."""
+
+    epochs: dict[str, int] = {}  # dataset -> epochs
+    batch_size: int | None = Field(None, gt=0)
+    evaluate_every: int | None = Field(None, ge=0)
+    source: str = ""  # where the numbers come from
 
 
 class Protocol(_Strict):
@@ -67,6 +76,10 @@ class Protocol(_Strict):
     channels_last: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
+    # Periodic evaluation every N epochs (0: only the final model). The final evaluation
+    # counts as one: the released-style maximum is taken over these and the final one.
+    evaluate_every: int = Field(0, ge=0)
+    methods: dict[str, MethodSchedule] = {}  # per-method epochs / batch size (e.g. ADer's)
     eval_batch_size: int = 16
     workers: int | Literal["auto"] = "auto"
     exclude_rows: dict[str, list[str]] = {}
@@ -79,7 +92,18 @@ class Protocol(_Strict):
             raise ValueError(f"epochs has no entry for datasets {missing}")
         if self.ablation_dataset not in self.datasets:
             raise ValueError(f"ablation_dataset {self.ablation_dataset!r} not in datasets")
+        for m, sched in self.methods.items():
+            unknown = [d for d in sched.epochs if d not in self.datasets]
+            if unknown:
+                raise ValueError(f"methods.{m}.epochs names datasets {unknown} not in datasets")
         return self
+
+    def schedule(self, method: str, dataset: str) -> tuple[int, int | None, int]:
+        """(epochs, batch size or None for the method's own, evaluate_every) of one run."""
+        own = self.methods.get(method, MethodSchedule())
+        every = own.evaluate_every if own.evaluate_every is not None else self.evaluate_every
+        return (own.epochs.get(dataset, self.epochs[dataset]),
+                own.batch_size or self.batch_size, every)
 
 
 class Method(_Strict):
@@ -91,6 +115,9 @@ class Method(_Strict):
     batch_size: int = 16
     optim: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    # {topic: which reference this method follows for it, and what the others do}; listed
+    # in the report's audit (learning-rate schedule, clipping, weight decay, stepping, ...)
+    follows: dict[str, str] = {}
     protocol_overrides: dict[str, dict[str, Any]] = {}  # protocol -> model overrides
 
     @model_validator(mode="after")
@@ -174,6 +201,10 @@ class Params:
                 if ds not in self.datasets:
                     raise ParamsError(f"protocols.yaml: {pname}.datasets: unknown dataset {ds!r}"
                                       f" (known: {sorted(self.datasets)})")
+            for m in proto.methods:
+                if m not in self.methods:
+                    raise ParamsError(f"protocols.yaml: {pname}.methods: unknown method {m!r}"
+                                      f" (known: {sorted(self.methods)})")
             for table, rows in proto.exclude_rows.items():
                 known = self.grid.tables.get(table)
                 if known is None or any(r not in known.rows for r in rows):
@@ -330,7 +361,8 @@ def resolve_run(params: Params, run: Run) -> dict[str, Any]:
     model = {**spec.model, **spec.protocol_overrides.get(run.protocol, {}), **run.overrides}
     if not proto.pretrained:
         model["pretrained"] = False
-    batch = proto.batch_size or spec.batch_size
+    epochs, proto_batch, evaluate_every = proto.schedule(run.method, run.dataset)
+    batch = proto_batch or spec.batch_size
     optim = dict(spec.optim)
     if "lr_batch" in optim:
         optim["lr"] = optim["lr"] * batch / optim["lr_batch"]
@@ -346,7 +378,10 @@ def resolve_run(params: Params, run: Run) -> dict[str, Any]:
         "model": model,
         "image_size": proto.image_size,
         "encoder_bn": "pretrained" if proto.pretrained else proto.random_encoder_bn,
-        "epochs": proto.epochs[run.dataset],
+        "epochs": epochs,
+        "evaluate_every": evaluate_every,
+        # periodic evaluations are part of training's record: a metrics change retrains
+        "periodic_eval_code": evaluate_code(spec.builder) if evaluate_every else None,
         "batch_size": batch,
         "eval_batch_size": proto.eval_batch_size,
         "checkpoint_every": proto.checkpoint_every,

@@ -1,7 +1,7 @@
 """``omniad grid cost``: GPU-hours of a protocol's grid before launch.
 
-hours(run) = training images x epochs / images per second / 3600, training only (evaluation
-is a few passes over the test set). Images/s comes from a measurement, never a guess, in this
+hours(run) = training images x epochs / images per second / 3600, training only (the
+periodic and final evaluations are passes over the test set, not counted). Images/s comes from a measurement, never a guess, in this
 order: the images/s recorded by an earlier run of the same key (``metrics.json`` ->
 ``meta.train_images_per_s``), then the same method's earlier runs of this protocol (mean),
 then the throughput benchmark's JSON (``benchmarks/train_throughput.py --json``, measured on
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omniad.grid import Params, Run, enumerate_runs, load_params, results_root
+from omniad.grid import Params, Run, enumerate_runs, load_params, resolve_run, results_root
 
 
 def training_images(params: Params, dataset: str) -> int | None:
@@ -82,7 +82,7 @@ def estimate(params: Params, protocol: str, throughput: Path | None = None,
                 f", x{scale:.3g} for {proto.image_size} px)" if scale != 1 else ")")
         elif images_per_s:
             ips, source = images_per_s, "--images-per-s"
-        epochs = proto.epochs[run.dataset]
+        epochs = resolve_run(params, run)["epochs"]  # per-method schedules included
         hours = images * epochs / ips / 3600 if ips and images else None
         rows.append({"run": run.key, "epochs": epochs, "images": images,
                      "images_per_s": ips, "source": source, "gpu_hours": hours})

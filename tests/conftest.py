@@ -13,14 +13,17 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_SIZE = 64
 
 
-def write_tiny_params(dest: Path, epochs: int = 3, size: int = TINY_SIZE, **model) -> Path:
-    """A copy of params/ with a 'tiny' protocol: demo data, small images, shallow decoder."""
+def write_tiny_params(dest: Path, epochs: int = 3, size: int = TINY_SIZE, evaluate_every: int = 1,
+                      **model) -> Path:
+    """A copy of params/ with a 'tiny' protocol: demo data, small images, shallow decoder,
+    a periodic evaluation after every epoch but the last (the final one is `omniad evaluate`)."""
     shutil.copytree(REPO / "params", dest, dirs_exist_ok=True)
     protos = yaml.safe_load((dest / "protocols.yaml").read_text())
     protos["protocols"]["tiny"] = {
         "datasets": ["demo"], "ablation_dataset": "demo", "image_size": size,
         "epochs": {"demo": epochs}, "batch_size": 8, "seeds": [42], "pretrained": False,
         "checkpoint_every": 1, "eval_batch_size": 16, "workers": 0,
+        "evaluate_every": evaluate_every,
     }
     (dest / "protocols.yaml").write_text(yaml.safe_dump(protos, sort_keys=False))
     omni = yaml.safe_load((dest / "methods/omniad.yaml").read_text())

@@ -24,9 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from omniad.data.params import load_params, override
+
+
+@pytest.fixture(autouse=True)
+def isolated_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Checksum locks of a test go to its tmp dir, never into the repo's params/checksums
+    (autouse in every module that imports it)."""
+    monkeypatch.setenv("OMNIAD_CHECKSUMS", str(tmp_path / "checksums"))
+    monkeypatch.delenv("OMNIAD_DATA_MIRROR", raising=False)
+    return tmp_path / "checksums"
+
 
 # --------------------------------------------------------------------------------------------
 # HTTP server
@@ -166,6 +177,16 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_lock_file(path: Path) -> dict[str, str]:
+    """archive name -> hash of a `sha256sum`-format lock, parsed independently of omniad."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            sha, name = line.split("  ", 1)
+            out[name] = sha
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # datasets in their real layouts
 # --------------------------------------------------------------------------------------------
@@ -242,8 +263,14 @@ def visa_params(url: str | None = None, sha: str | None = None) -> dict[str, Any
 REALIAD_CATS = ["audiojack", "pcb"]
 
 
-def realiad_archives(seed: int = 0, variant: str = "realiad_256") -> dict[str, bytes]:
-    """Hub layout: realiad_jsons.zip + <variant>/<obj>.zip; 5 views per sample."""
+REALIAD_SIZES = {"realiad_256": 24, "realiad_512": 48, "realiad_1024": 96}
+
+
+def realiad_archives(seed: int = 0, variant: str = "realiad_256",
+                     size: int | None = None) -> dict[str, bytes]:
+    """Hub layout: realiad_jsons.zip + <variant>/<obj>.zip; 5 views per sample; images of
+    the variant's (scaled-down) resolution unless `size` says otherwise."""
+    side = size or REALIAD_SIZES[variant]
     rng = np.random.default_rng(seed)
     archives: dict[str, bytes] = {}
     jsons: dict[str, bytes] = {}
@@ -257,11 +284,11 @@ def realiad_archives(seed: int = 0, variant: str = "realiad_256") -> dict[str, b
                 stem = f"{obj}_{sid:04d}_{cls}_C{view}_20231021130205"
                 sub = "OK" if cls == "OK" else f"NG/{cls}"
                 img_rel = f"{sub}/S{sid:04d}/{stem}.jpg"
-                files[f"{obj}/{img_rel}"] = image_bytes(rng, 24, 24, fmt="JPEG")
+                files[f"{obj}/{img_rel}"] = image_bytes(rng, side, side, fmt="JPEG")
                 mask_rel = None
                 if cls != "OK":
                     mask_rel = f"{sub}/S{sid:04d}/{stem}.png"
-                    files[f"{obj}/{mask_rel}"] = mask_bytes(24, 24)
+                    files[f"{obj}/{mask_rel}"] = mask_bytes(side, side)
                 doc[split].append({"category": obj, "anomaly_class": cls,
                                    "image_path": img_rel, "mask_path": mask_rel})
         archives[f"{variant}/{obj}.zip"] = zip_bytes(files)
@@ -273,7 +300,7 @@ def realiad_archives(seed: int = 0, variant: str = "realiad_256") -> dict[str, b
 def realiad_params(base_url: str | None = None) -> dict[str, Any]:
     return override(
         load_params(), "real_iad", categories=REALIAD_CATS, base_url=base_url,
-        auth_hosts=["127.0.0.1"],
+        auth_hosts=["127.0.0.1"], resolutions=dict(REALIAD_SIZES),
         expected={"totals": {"train_normal": 20, "train_anomaly": 0, "test_normal": 10,
                              "test_anomaly": 10}},
     )

@@ -26,12 +26,15 @@ from omniad.data.cache import (
 from omniad.data.cli import main
 from omniad.data.demo import make_demo
 from omniad.data.fetch import fetch_dataset
+from omniad.data.manifest import list_files, write_manifest
 from omniad.data.samples import DatasetError, Sample
 
 try:
     import data_fixtures as fx
 except ImportError:  # tests/ became a package
     from tests import data_fixtures as fx
+
+isolated_checksums = fx.isolated_checksums  # autouse: locks go to tmp_path
 
 SMALL = {"n_train": 3, "n_test_good": 2, "n_per_defect": 1, "size": 64}
 
@@ -128,13 +131,15 @@ def test_bad_input_leaves_no_cache(tmp_path: Path) -> None:
     params = fx.mvtec_params()
     mask = root / "cable/ground_truth/broken/000_mask.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(mask)
-    fetch_dataset("mvtec_ad", root, params, source=root, log=_quiet)
+    with pytest.raises(DatasetError, match="000_mask.png: mask size 8x8 differs"):
+        fetch_dataset("mvtec_ad", root, params, source=root, log=_quiet)  # adoption checks
+    write_manifest(root, "mvtec_ad", list_files(root))  # recorded anyway, by hand
     with pytest.raises(DatasetError, match="000_mask.png: mask size 8x8 differs"):
         build_cache("mvtec_ad", root, 16, tmp_path / "c", params=params, log=_quiet)
     assert not (tmp_path / "c").exists() and fx.leftovers(tmp_path) == []
     img = root / "bottle/test/good/001.png"
     img.write_bytes(b"\x89PNG garbage")
-    fetch_dataset("mvtec_ad", root, params, source=root, log=_quiet)
+    write_manifest(root, "mvtec_ad", list_files(root))
     with pytest.raises(DatasetError, match="001.png: cannot decode image"):
         build_cache("mvtec_ad", root, 16, tmp_path / "c", params=params, workers=2, log=_quiet)
     assert not (tmp_path / "c").exists() and fx.leftovers(tmp_path) == []

@@ -19,6 +19,8 @@ try:
 except ImportError:  # tests/ became a package
     from tests import data_fixtures as fx
 
+isolated_checksums = fx.isolated_checksums  # autouse: locks go to tmp_path
+
 
 def _params_file(tmp_path: Path, params: dict) -> Path:
     import yaml
@@ -121,5 +123,5 @@ def test_cli_fetch_reports_trust(tmp_path: Path, capsys: pytest.CaptureFixture) 
         assert "--trust-first-download" in capsys.readouterr().err
         assert main([*args, "--trust-first-download"]) == 0
     out = capsys.readouterr().out
-    assert f"sha256 {fx.sha256(archive)} is recorded" in out and "ready at" in out
+    assert f"sha256 {fx.sha256(archive)} is written to" in out and "ready at" in out
     assert main(["check", "dtd", "--root", str(root), "--params", str(params_file), "-q"]) == 0

@@ -22,6 +22,8 @@ try:
 except ImportError:  # tests/ became a package
     from tests import data_fixtures as fx
 
+isolated_checksums = fx.isolated_checksums  # autouse: locks go to tmp_path
+
 MVTEC = "mvtec_anomaly_detection.tar.xz"
 
 
@@ -76,12 +78,16 @@ def test_corrupted_archive_is_rejected_and_leaves_nothing(
     bad[len(bad) // 2] ^= 0xFF
     state = fx.ServerState(files={f"/{MVTEC}": bytes(bad)})
     root = tmp_path / "mvtec_ad"
+    logs: list[str] = []
     with fx.serve(state) as base:
         params = fx.mvtec_params(f"{base}/{MVTEC}", fx.sha256(mvtec_archive))
-        with pytest.raises(ChecksumError, match="SHA-256 mismatch"):
-            fetch_dataset("mvtec_ad", root, params, retry_wait=0, log=_quiet)
+        with pytest.raises(DatasetError, match="Manual route"):
+            fetch_dataset("mvtec_ad", root, params, retry_wait=0, log=logs.append)
+    assert any("SHA-256 mismatch" in m and "moved aside" in m for m in logs)
     assert not root.exists()
-    assert list((tmp_path / "downloads").iterdir()) == []  # no .part, no archive
+    # no .part and no archive: the bad download is only kept aside, never used
+    aside = f"{MVTEC}.unverified-{fx.sha256(bytes(bad))[:12]}"
+    assert [p.name for p in (tmp_path / "downloads").iterdir()] == [aside]
     assert fx.leftovers(tmp_path) == []
 
 
@@ -95,8 +101,9 @@ def test_archive_on_disk_is_verified_every_time(tmp_path: Path, mvtec_archive: b
         params = fx.mvtec_params(f"{base}/{MVTEC}", fx.sha256(mvtec_archive))
         fetch_dataset("mvtec_ad", tmp_path / "mvtec_ad", params, retry_wait=0, log=logs.append)
     assert len(state.requests) == 1  # the bad file was not trusted because it existed
-    assert any("deleting and downloading" in m for m in logs)
+    assert any("moved aside" in m for m in logs)
     assert sha256_file(downloads / MVTEC) == fx.sha256(mvtec_archive)
+    assert [p.name for p in downloads.iterdir()] == [MVTEC]  # aside copy gone once verified
 
 
 def test_interrupted_download_resumes_with_range(tmp_path: Path, mvtec_archive: bytes) -> None:
@@ -256,10 +263,12 @@ def test_real_iad_zip_with_token_end_to_end(
                        views=["C1", 3])
     assert len(CachedDataset(some, "test")) == 8
 
-    # the recorded hashes now pin the archives: no trust flag needed, a tampered one fails
+    # the lock now pins the archives: no trust flag needed, a tampered one fails
+    assert set(fx.read_lock_file(tmp_path / "checksums" / "real_iad.sha256")) == set(archives)
     fetch_dataset("real_iad", root, params, log=_quiet)
     zip_path = tmp_path / "downloads" / "realiad_256" / "pcb.zip"
     zip_path.write_bytes(zip_path.read_bytes() + b"junk")
+    next((root / "realiad_256" / "pcb").rglob("*.jpg")).unlink()  # so the archive is needed
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(DatasetError, match="HF_TOKEN"):  # re-download needs the token
         fetch_dataset("real_iad", root, params, log=_quiet)
@@ -307,10 +316,17 @@ def test_dtd_unknown_hash_needs_trust_then_pins(tmp_path: Path) -> None:
                                  log=logs.append)
         assert manifest["archives"][0]["sha256"] == fx.sha256(archive)
         assert any(fx.sha256(archive) in m and "--trust-first-download" in m for m in logs)
-        # pinned now: the archive on disk is checked against the recorded hash
+        assert fx.read_lock_file(tmp_path / "checksums" / "dtd.sha256") == {
+            "dtd-r1.0.1.tar.gz": fx.sha256(archive)}
+        # a complete verified tree: nothing to download, even with the archive gone
         (tmp_path / "downloads" / "dtd-r1.0.1.tar.gz").write_bytes(b"tampered")
         fetch_dataset("dtd", root, params, retry_wait=0, log=_quiet)
+        assert len(state.requests) == 1
+        # locked now: the archive on disk is checked against the lock when it is needed
+        next((root / "dtd/images/banded").iterdir()).unlink()
+        again = fetch_dataset("dtd", root, params, retry_wait=0, log=_quiet)
         assert len(state.requests) == 2  # re-downloaded, not trusted
+        assert again["archives"][0]["sha256_origin"] == "lock"
     assert len(read_samples("dtd", root, "train", params=params)) == 6
     assert check_dataset("dtd", root, params=params).ok
 

@@ -20,6 +20,8 @@ try:
 except ImportError:  # tests/ became a package
     from tests import data_fixtures as fx
 
+isolated_checksums = fx.isolated_checksums  # autouse: locks go to tmp_path
+
 
 @pytest.fixture
 def mvtec(tmp_path: Path) -> Path:
@@ -42,7 +44,12 @@ def test_params_facts_are_consistent() -> None:
         "totals"]["test_normal"] == 9621
     rt = ds["real_iad"]["expected"]["totals"]
     assert (rt["train_normal"], rt["test_normal"] + rt["test_anomaly"]) == (36465, 114585)
-    assert ds["dtd"]["archives"][0]["sha256"] is None
+    # DTD's published hash is pinned; VisA's per-object columns sum to its totals
+    assert ds["dtd"]["archives"][0]["sha256"] == (
+        "e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205")
+    visa = ds["visa"]["expected"]
+    for key in ("train_normal", "test_normal", "test_anomaly"):
+        assert sum(c[key] for c in visa["per_category"].values()) == visa["totals"][key]
     assert ds["demo"]["categories"] == list(RECIPES)
     assert set(COUNT_KEYS) >= set(totals)
 

@@ -1,4 +1,8 @@
-"""End to end: the demo DAG through DVC (which runs Snakemake), twice; the second is a no-op."""
+"""End to end, in a clean checkout of this working tree: the demo DAG through DVC, as a new user
+meets it. `dvc repro` (what `make demo` runs) builds everything; a second one and `dvc status`
+find nothing to do; the MLflow store reads right; an edit to code the training imports marks
+the train stage changed; `dvc exp run -S` with another Omni-AD token count retrains that variant
+only, and `dvc exp show` lists it beside the baseline."""
 
 from __future__ import annotations
 
@@ -24,28 +28,57 @@ pytestmark = pytest.mark.slow
 # MambaAD, SimpleNet and DeSTSeg need more steps than 4 epochs give them (0.47 / 0.44 / 0.54
 # here): tests/test_baselines_ii.py trains them longer.
 BEATS_CHANCE = {"rd4ad": 0.7, "uniad": 0.6, "rlr": 0.6}
+#: The experiment: Table IV's 100-token row retrained with 81 tokens (a perfect square).
+EXPERIMENT = "params/grid.yaml:tables.table4.rows.100.tokens=81"
 
 
-def _env() -> dict[str, str]:
+def clean_checkout(dest: Path) -> Path:
+    """This working tree as a fresh clone would have it: tracked and untracked-but-not-ignored
+    files (uncommitted edits included), no products, in a new git repository."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=REPO, capture_output=True, check=True)
+    for rel in sorted({p for p in listed.stdout.decode().split("\0") if p}):
+        src = REPO / rel
+        if src.is_file():  # deleted but still in the index: skip
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "clean checkout"]):
+        subprocess.run(["git", *args], cwd=dest, env=_env(dest), check=True)
+    return dest
+
+
+def _env(repo: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("OMNIAD_") and k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{BIN}:{env['PATH']}"
+    env["PYTHONPATH"] = str(repo)  # the checkout's omniad, not an installed one
+    for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        env.setdefault(k, "omniad test")
+    for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        env.setdefault(k, "test@omniad.invalid")
     if os.environ.get("OMNIAD_REQUIRE_PDF"):
         env["OMNIAD_REQUIRE_PDF"] = os.environ["OMNIAD_REQUIRE_PDF"]
     return env
 
 
-def _dvc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "dvc"), *args], cwd=REPO, env=_env(), text=True,
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=_env(repo), text=True,
                           capture_output=True, timeout=3600)
 
 
-def test_demo_dag_products_and_second_repro_is_noop() -> None:
-    from omniad.grid import enumerate_runs, load_params
+def _stamps(results: Path) -> dict[str, int]:
+    return {str(p.relative_to(results)): p.stat().st_mtime_ns
+            for p in results.glob("*/runs/**/metrics.json")}
 
-    first = _dvc("repro")
+
+def test_demo_dag_through_dvc_in_a_clean_checkout(tmp_path: Path) -> None:
+    from omniad.grid import enumerate_runs, load_params, run_dir
+
+    repo = clean_checkout(tmp_path / "checkout")
+    results = repo / "results"
+    first = _dvc(repo, "repro")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    reports = REPO / "reports" / "demo"
+    reports = repo / "reports" / "demo"
     for i in range(1, 8):
         tex = (reports / "tables" / f"table{i}.tex").read_text()
         assert "\\begin{tabular" in tex and "\\toprule" in tex
@@ -53,10 +86,11 @@ def test_demo_dag_products_and_second_repro_is_noop() -> None:
     assert len(figures) >= 3
     if shutil.which("pdflatex"):
         assert (reports / "report.pdf").stat().st_size > 10_000
-    runs = enumerate_runs(load_params(), "demo")
+    params = load_params(repo / "params")
+    runs = enumerate_runs(params, "demo")
     image = {}
     for run in runs:
-        metrics = json.loads((run.dir() / "metrics.json").read_text())
+        metrics = json.loads((run.dir(results) / "metrics.json").read_text())
         assert 0.0 <= metrics["mean"]["mad"] <= 1.0
         assert metrics["meta"]["encoder_weights"] == "random"
         image[run.method, run.variant] = metrics["mean"]["image_auroc"]
@@ -64,16 +98,62 @@ def test_demo_dag_products_and_second_repro_is_noop() -> None:
     assert len(omni) == 15 and min(omni) > 0.62 and np.mean(omni) > 0.68, image
     for method, floor in BEATS_CHANCE.items():
         assert image[method, "default"] > floor, (method, image[method, "default"])
+    summary = json.loads((repo / "summary" / "metrics.json").read_text())
+    assert summary == json.loads((results / "demo" / "summary.json").read_text())
+
+    # MLflow: model-training experiments whose runs last as long as their training
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{REPO / 'mlruns.db'}")
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns.db'}")
     exp = client.get_experiment_by_name("omniad/demo/table1")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     logged = client.search_runs([exp.experiment_id], max_results=1000)
     assert {r.data.tags["method"] for r in logged} >= {r.method for r in runs}
-    stamp = {r.key: (r.dir() / "metrics.json").stat().st_mtime_ns for r in runs}
-    second = _dvc("repro")
+    for r in logged:
+        folder = run_dir(*r.data.tags["run_key"].split("/"), results=results)
+        train = json.loads((folder / "train.json").read_text())
+        assert r.info.end_time - r.info.start_time == pytest.approx(
+            1000 * (train["finished_at"] - train["started_at"]), abs=2)
+        assert r.info.end_time > r.info.start_time
+
+    # nothing to do a second time, for DVC and for Snakemake
+    stamp = _stamps(results)
+    second = _dvc(repo, "repro")
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "up to date" in second.stdout.lower(), second.stdout[-2000:]
-    assert stamp == {r.key: (r.dir() / "metrics.json").stat().st_mtime_ns for r in runs}
-    shown = _dvc("metrics", "show")
+    assert "didn't change, skipping" in second.stdout and "Running stage" not in second.stdout
+    assert stamp == _stamps(results)
+    status = _dvc(repo, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+    shown = _dvc(repo, "metrics", "show")
     assert shown.returncode == 0 and "table1" in shown.stdout, shown.stdout + shown.stderr
+
+    # code the training imports (omniad/data/cache.py, via omniad.codehash.TRAIN_ENTRY)
+    edited = repo / "omniad" / "data" / "cache.py"
+    original = edited.read_text()
+    edited.write_text(original + "\n# an edit\n")
+    changed = json.loads(_dvc(repo, "status", "--json").stdout)
+    assert "train" in changed, changed
+    edited.write_text(original)
+    assert json.loads(_dvc(repo, "status", "--json").stdout) == {}
+
+    # a DVC experiment: the committed demo is the baseline, one variant changes
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=_env(repo), check=True)
+    subprocess.run(["git", "commit", "-qm", "demo baseline"], cwd=repo, env=_env(repo),
+                   check=True)
+    stamp = _stamps(results)
+    exp_run = _dvc(repo, "exp", "run", "-S", EXPERIMENT)
+    assert exp_run.returncode == 0, exp_run.stdout[-4000:] + exp_run.stderr[-4000:]
+    after = _stamps(results)
+    new = {k for k in after if k not in stamp}
+    assert new == {"demo/runs/demo/omniad/tokens-81/seed42/metrics.json"}, new
+    assert {k: after[k] for k in stamp} == stamp  # nothing else retrained or re-evaluated
+    table = json.loads(_dvc(repo, "exp", "show", "--json").stdout)
+    baseline = next(row for row in table if row["rev"] != "workspace")
+    mad = baseline["data"]["metrics"]["summary/metrics.json"]["data"]["table4"]["100"]
+    exps = [r for e in baseline.get("experiments") or [] for r in e["revs"]]
+    assert len(exps) == 1, table
+    data = exps[0]["data"]
+    rows = data["params"]["params/grid.yaml"]["data"]["tables"]["table4"]["rows"]
+    assert rows["100"] == {"tokens": 81}
+    assert data["metrics"]["summary/metrics.json"]["data"]["table4"]["100"] != mad
+    assert json.loads(_dvc(repo, "status", "--json").stdout) == {}

@@ -50,14 +50,21 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tiny_env, tmp_path) -> N
     a = torch.load(run_dir(ref_env) / "model.pt", weights_only=False)["model"]
     b = torch.load(run_dir(tiny_env) / "model.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ha = json.loads((run_dir(ref_env) / "history.json").read_text())["epochs"]
-    hb = json.loads((run_dir(tiny_env) / "history.json").read_text())["epochs"]
-    assert ha == hb and len(ha) == 3
+    ha = json.loads((run_dir(ref_env) / "history.json").read_text())
+    hb = json.loads((run_dir(tiny_env) / "history.json").read_text())
+    assert ha["epochs"] == hb["epochs"] and len(ha["epochs"]) == 3
+    # periodic evaluations (after epochs 1 and 2): the one before the signal was kept, the
+    # one after it made on resume; none lost, none repeated, the same numbers
+    assert [e["epoch"] for e in hb["evaluations"]] == [1, 2]
+    strip = [{k: v for k, v in e.items() if k != "eval_wall_s"} for e in ha["evaluations"]]
+    assert strip == [{k: v for k, v in e.items() if k != "eval_wall_s"} for e in hb["evaluations"]]
     for env in (ref_env, tiny_env):
         assert omniad("evaluate", KEY, env=env).returncode == 0
     ma = json.loads((run_dir(ref_env) / "metrics.json").read_text())
     mb = json.loads((run_dir(tiny_env) / "metrics.json").read_text())
     assert ma["mean"] == mb["mean"] and ma["per_category"] == mb["per_category"]
+    assert [e["epoch"] for e in mb["evaluations"]] == [1, 2, 3]  # the final one counts
+    assert ma["released_max"] == mb["released_max"]
 
 
 def test_train_evaluate_and_mlflow_store(tiny_env) -> None:
@@ -90,6 +97,10 @@ def test_train_evaluate_and_mlflow_store(tiny_env) -> None:
         metrics["per_category"]["coins"]["pixel_aupro"])
     loss = client.get_metric_history(r.info.run_id, "train_loss")
     assert [m.step for m in loss] == [1, 2, 3]
+    evals = client.get_metric_history(r.info.run_id, "eval.mad")  # periodic + final, as steps
+    assert [(m.step, m.value) for m in evals] == [(e["epoch"], e["mean"]["mad"])
+                                                  for e in metrics["evaluations"]]
+    assert r.data.metrics["released_max.mad"] == pytest.approx(metrics["released_max"]["mean"]["mad"])
     arts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"metrics.json", "anomaly_maps.png"} <= arts
     # The default variant is in every ablation table too: one experiment run per table.

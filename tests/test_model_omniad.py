@@ -80,7 +80,7 @@ def test_branch_switches_drop_the_other_branch_parameters() -> None:
 def _randomise_tokens(model: OmniAD) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".tokens") or name.endswith(".bias") and p.dim() == 4:
+            if name.endswith(".tokens") or name.endswith(".pe"):
                 p.normal_()
 
 

@@ -31,8 +31,8 @@ VALUES = {
 COMPLEXITY = [
     {"table": "default", "method": "omniad", "row": "default", "params_m": 29.927, "flops_g": 11.157},
     {"table": "table4", "method": "omniad", "row": "64", "params_m": 29.927, "flops_g": 11.157},
-    {"table": "table7", "method": "omniad", "row": "resnet50", "params_m": 344.684,
-     "flops_g": 105.504},
+    {"table": "table7", "method": "omniad", "row": "resnet50", "params_m": 468.173,
+     "flops_g": 113.71},
 ]
 GIT = {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": True}
 
@@ -64,11 +64,20 @@ def _tiny_params(dest: Path) -> Path:
 
 def _metrics(run, base: float) -> dict:
     vals = dict.fromkeys(METRICS, base)
-    return {"run": run.key, "protocol": run.protocol, "dataset": run.dataset,
-            "method": run.method, "variant": run.variant, "seed": run.seed, "mean": vals,
-            "per_category": {"brick": vals, "metal_nut": dict.fromkeys(METRICS, base - 0.1)},
-            "meta": {"git": {"commit": "fedcba9876543210", "dirty": False},
-                     "encoder_weights": "random"}}
+    per = {"brick": vals, "metal_nut": dict.fromkeys(METRICS, base - 0.1)}
+    out = {"run": run.key, "protocol": run.protocol, "dataset": run.dataset,
+           "method": run.method, "variant": run.variant, "seed": run.seed, "mean": vals,
+           "per_category": per,
+           "meta": {"git": {"commit": "fedcba9876543210", "dirty": False},
+                    "encoder_weights": "random"}}
+    if run.method == "omniad":  # an earlier evaluation 5 points higher: released max = +5
+        from omniad.selection import released_max
+
+        up = {c: {k: v + 0.05 for k, v in m.items()} for c, m in per.items()}
+        out["evaluations"] = [{"epoch": 1, "mean": up["brick"], "per_category": up},
+                              {"epoch": 2, "mean": vals, "per_category": per}]
+        out["released_max"] = released_max(out["evaluations"])
+    return out
 
 
 def _write_runs(params, results: Path) -> None:
@@ -176,8 +185,8 @@ def test_ablation_tables(env):
     assert "run not finished" in t2
     t7 = _tex(env, "table7")
     r50, r50p = _row(t7, "resnet50 &")
-    assert r"344.7 & 105.5 & \multicolumn{1}{c}{\textit{not run in this protocol}}" in r50
-    assert r"\paperval{468.0 ($-$26.3\%)}" in r50p
+    assert r"468.2 & 113.7 & \multicolumn{1}{c}{\textit{not run in this protocol}}" in r50
+    assert r"\paperval{468.0 (0.0\%)} & \paperval{114.0 ($-$0.3\%)}" in r50p
     assert r"wide\_resnet50 & wide\_resnet50\_2 &" in t7
     t4 = _tex(env, "table4")
     row64, p64 = _row(t4, "64")
@@ -202,7 +211,7 @@ def test_products(env):
                          "paper_mad,mad_std,mad")
     assert tokens[3] == "64,64,found,2,29.9270,29.9000,11.1570,11.2000,86.4000,1.4142,91.0000"
     backbone = (base / "plots" / "backbone.csv").read_text()
-    assert "resnet50,resnet50,excluded,0,344.6840,468.0000,105.5040,114.0000,85.5000,,\n" in backbone
+    assert "resnet50,resnet50,excluded,0,468.1730,468.0000,113.7100,114.0000,85.5000,,\n" in backbone
     rep = env["root"] / "reports" / P
     for stem in ("qualitative_demo", "ablation_axes", "per_category_demo", "training_demo"):
         assert (rep / "figures" / f"{stem}.pdf").stat().st_size > 0
@@ -212,11 +221,36 @@ def test_products(env):
     assert "Randomly initialised encoder" in tex and "Missing runs" in tex
     cx = (rep / "tables" / "complexity.tex").read_text()
     assert r"-- & Omni-AD (default) & 29.9 & 29.9 & +0.1\% & 11.2 & 11.2 & $-$0.4\% \\" in cx
-    assert r"VII & resnet50 & 344.7 & 468.0 & $-$26.3\% & 105.5 & 114.0 & $-$7.5\% \\" in cx
+    assert r"VII & resnet50 & 468.2 & 468.0 & 0.0\% & 113.7 & 114.0 & $-$0.3\% \\" in cx
     audit = (rep / "tables" / "audit.tex").read_text()
     for fact in "abcdefghij":
         assert f"({fact})~" in audit
     assert r"\texttt{ffn: resampled}" in audit
+
+
+def test_selection_section_and_released_max_tables(env, tmp_path):
+    """Final in the tables by default; the section shows final, max, inflation, paper; the
+    released-max option puts the per-metric maximum in every table and says so."""
+    infl = _tex(env, "inflation")
+    assert "final model and released-style maximum" in infl
+    omni = infl[infl.index("Omni-AD &"):]
+    assert omni.splitlines()[0].startswith("Omni-AD & 1, 2 & final & 91.0")
+    assert "released max & 96.0" in omni and "inflation & +5.0" in omni
+    assert "seven metrics: +5.00" in omni
+    csv = (env["root"] / "results" / P / "inflation.csv").read_text()
+    assert "demo,omniad,mad,91.0000,96.0000,5.0000," in csv
+    assert "demo,uniad,mad,80.0000,80.0000,0.0000," in csv  # no evaluations: max = final
+    report = (env["root"] / "reports" / P / "report.tex").read_text()
+    assert "show the final model" in report and "input{tables/inflation}" in report
+    assert "final model." in _tex(env, "table1")
+    build_report(P, params=env["params"], pdf=False, complexity=COMPLEXITY, git=GIT,
+                 reports=tmp_path, selection="released-max", log=lambda *_: None)
+    t1 = (tmp_path / P / "tables" / "table1.tex").read_text()
+    assert "released-style maximum over the evaluations" in t1
+    assert "96.0" in _row(t1, "Omni-AD")[0].split(" & ")[2]
+    with pytest.raises(ReportError, match="selection 'best'"):
+        build_report(P, params=env["params"], pdf=False, complexity=COMPLEXITY, git=GIT,
+                     reports=tmp_path, selection="best", log=lambda *_: None)
 
 
 def test_deterministic(env):

@@ -6,6 +6,7 @@ result turns an epoch's input pipeline into a copy.
 
 Layout of a cache directory:
     cache_key.json                  what the cache was built from (written last = complete)
+    sources.json                    per source file: size, mtime, SHA-256 (the content key)
     index.json                      per split: categories with counts and array files, and
                                     per sample: category, defect, label, source paths
     <split>/<category>_images.npy   uint8 (N, S, S, 3) RGB
@@ -39,7 +40,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from omniad.atomic import install_tree, remove_stale, tmp_sibling, write_json_atomic
-from omniad.data.manifest import MANIFEST_NAME, read_manifest
+from omniad.data.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from omniad.data.params import Params, dataset_facts, load_params, resolve_categories
 from omniad.data.readers import read_samples
 from omniad.data.samples import SPLITS, DatasetError, Sample
@@ -47,6 +48,7 @@ from omniad.data.samples import SPLITS, DatasetError, Sample
 CACHE_FORMAT = 1
 KEY_NAME = "cache_key.json"
 INDEX_NAME = "index.json"
+SOURCES_NAME = "sources.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_RESIZE = "PIL decode -> torchvision resize bilinear antialias=True on uint8"
@@ -121,11 +123,19 @@ def cache_key(
     params = params if params is not None else load_params()
     facts = dataset_facts(name, params)
     root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root of {name} does not exist")
     manifest = read_manifest(root)
+    if manifest is None and facts.get("generated"):
+        raise DatasetError(f"{root}: no {MANIFEST_NAME}, so the source cannot be identified; "
+                           f"generate it with `omniad data demo --root {root}`")
     if manifest is None:
         raise DatasetError(f"{root}: no {MANIFEST_NAME}, so the source cannot be identified; "
-                           f"create it with `omniad data fetch {name} --root {root}` (or "
-                           f"`--source {root}` to record a tree you extracted yourself)")
+                           f"record the tree you extracted with `omniad data fetch {name} "
+                           f"--root {root} --source {root}`, or fetch it into an empty --root")
+    if manifest.get("dataset") != name:
+        raise DatasetError(f"{root}: holds dataset {manifest.get('dataset')!r} (by its "
+                           f"{MANIFEST_NAME}), not {name!r}")
     opts = {k: (sorted(map(str, v)) if isinstance(v, list | tuple | set) else v)
             for k, v in sorted(reader_opts.items()) if v is not None}
     key = {
@@ -149,6 +159,42 @@ def _stored_key(cache_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def source_table(
+    paths: list[Path], root: Path, known: dict[str, list] | None = None
+) -> dict[str, list]:
+    """rel path -> [size, mtime_ns, SHA-256] of the files a cache is made from.
+
+    A file whose size and mtime equal the `known` entry keeps its hash (as git's index does);
+    any other is hashed again, so an edited or replaced image changes the content key even
+    when the dataset manifest was not updated.
+    """
+    known = known or {}
+    out: dict[str, list] = {}
+    for path in paths:
+        rel = _rel(path, root) or str(path)
+        st = Path(path).stat()
+        old = known.get(rel)
+        if old is not None and old[0] == st.st_size and old[1] == st.st_mtime_ns:
+            out[rel] = old
+        else:
+            out[rel] = [st.st_size, st.st_mtime_ns, sha256_file(Path(path))]
+    return out
+
+
+def _content_digest(table: dict[str, list]) -> str:
+    digest = hashlib.sha256()
+    for rel in sorted(table):
+        digest.update(f"{rel}\0{table[rel][2]}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_table(cache_dir: Path) -> dict[str, list]:
+    try:
+        return json.loads((cache_dir / SOURCES_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def build_cache(
     name: str,
     root: Path | str,
@@ -165,35 +211,48 @@ def build_cache(
 ) -> Path:
     """Resize every image and mask of a dataset once into cache_dir; returns cache_dir.
 
-    An existing complete cache with the same key (source manifest hash, size, categories,
-    reader options) is reused; anything else is rebuilt in a temporary directory and swapped
-    in, so cache_dir is always either the old complete cache or the new one.
+    An existing complete cache with the same key (source manifest hash, the content hash of
+    every source file used, size, categories, reader options) is reused; anything else is
+    rebuilt in a temporary directory and swapped in, so cache_dir is always either the old
+    complete cache or the new one. Only cache_dir is written: root may be read-only.
     """
     if size < 8:
         raise DatasetError(f"cache size must be >= 8, got {size}")
     params = params if params is not None else load_params()
     facts = dataset_facts(name, params)
-    root, cache_dir = Path(root), Path(cache_dir).absolute()
+    root, cache_dir = Path(root).absolute(), Path(cache_dir).absolute()
+    remove_stale(cache_dir, KEY_NAME)  # first: puts back a cache a killed swap left aside
     key = cache_key(name, root, size, categories=categories, params=params, **reader_opts)
-    stored = _stored_key(cache_dir)
-    if not force and stored is not None and stored.get("sha256") == key["sha256"]:
-        log(f"{name}: reusing cache {cache_dir} (key {key['sha256'][:12]})")
-        return cache_dir
-    if cache_dir.exists() and stored is None and any(cache_dir.iterdir()):
-        raise DatasetError(f"{cache_dir}: exists and is not an omniad cache (no {KEY_NAME}); "
-                           "refusing to replace it")
     splits = ("train",) if facts["layout"] == "dtd" else SPLITS
     per_split = {s: read_samples(name, root, s, key["categories"], params=params, **reader_opts)
                  for s in splits}
+    stored = _stored_key(cache_dir)
+    sources = [p for ss in per_split.values() for s in ss for p in (s.image, s.mask) if p]
+    table = source_table(sources, root, _read_table(cache_dir) if stored else None)
+    key["content_sha256"] = _content_digest(table)
+    key["sha256"] = hashlib.sha256(json.dumps(
+        {k: v for k, v in key.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
+    if not force and stored is not None and stored.get("sha256") == key["sha256"]:
+        log(f"{name}: reusing cache {cache_dir} (key {key['sha256'][:12]})")
+        return cache_dir
+    if stored is not None and stored.get("content_sha256") not in (None, key["content_sha256"]):
+        old = _read_table(cache_dir)
+        changed = sorted(r for r in table if old.get(r, [None] * 3)[2] != table[r][2])
+        if changed:
+            log(f"{name}: {len(changed)} source file(s) changed since {cache_dir} was built "
+                f"(first: {root / changed[0]}); rebuilding")
+    if cache_dir.exists() and stored is None and any(cache_dir.iterdir()):
+        raise DatasetError(f"{cache_dir}: exists and is not an omniad cache (no {KEY_NAME}); "
+                           "refusing to replace it")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(cache_dir)
     tmp = tmp_sibling(cache_dir)
     try:
-        index = _write_arrays(tmp, root.absolute(), size, per_split, key, facts,
+        index = _write_arrays(tmp, root, size, per_split, key, facts,
                               workers or default_workers(), progress)
         write_json_atomic(tmp / INDEX_NAME, index)
+        write_json_atomic(tmp / SOURCES_NAME, table)
         write_json_atomic(tmp / KEY_NAME, key)  # last: its presence means complete
-        install_tree(tmp, cache_dir)
+        install_tree(tmp, cache_dir, KEY_NAME)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -290,7 +349,8 @@ class CachedDataset(Dataset):
         self.cache_dir = Path(cache_dir)
         if _stored_key(self.cache_dir) is None:
             raise DatasetError(f"{self.cache_dir}: not a complete cache (no {KEY_NAME}); "
-                               "build it with `omniad data cache`")
+                               f"build it with `omniad data cache <dataset> --root <its root> "
+                               f"--out {self.cache_dir}`")
         try:
             index = json.loads((self.cache_dir / INDEX_NAME).read_text())
         except (OSError, ValueError) as exc:

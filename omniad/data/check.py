@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from omniad.data.manifest import MANIFEST_NAME, read_manifest
@@ -118,8 +118,11 @@ def expected_counts(
     return out
 
 
-def _inspect(sample: Sample, hashes: dict[str, str] | None, root: Path) -> list[str]:
-    """Problems of one sample: unreadable/undecodable files, size mismatch, changed bytes."""
+def _inspect(
+    sample: Sample, hashes: dict[str, str] | None, root: Path, resolution: int | None = None
+) -> tuple[list[str], int]:
+    """(problems, files decoded) of one sample: unreadable/undecodable files, size mismatch,
+    changed bytes, and (resolution given) an image whose longer side is not that resolution."""
     problems: list[str] = []
     sizes = {}
     for kind, path in (("image", sample.image), ("mask", sample.mask)):
@@ -144,13 +147,21 @@ def _inspect(sample: Sample, hashes: dict[str, str] | None, root: Path) -> list[
                 sizes[kind] = im.size
                 if kind == "mask" and sample.label == 1 and not np.asarray(im).any():
                     problems.append(f"warning: {path}: anomalous sample with an empty mask")
+        except UnidentifiedImageError:  # its text names the BytesIO, not the file
+            problems.append(f"{path}: cannot decode {kind}: not an image file of a known "
+                            "format (corrupt or not an image)")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             problems.append(f"{path}: cannot decode {kind}: {exc}")
+    if resolution is not None and "image" in sizes and max(sizes["image"]) != resolution:
+        w, h = sizes["image"]
+        problems.append(f"{sample.image}: image is {w}x{h}, but this variant's images have a "
+                        f"longer side of {resolution} px (a folder of another resolution "
+                        "under this variant's name?)")
     if "image" in sizes and "mask" in sizes and sizes["image"] != sizes["mask"]:
         (mw, mh), (iw, ih) = sizes["mask"], sizes["image"]
         problems.append(f"{sample.mask}: mask size {mw}x{mh} differs from image size {iw}x{ih} "
                         f"({sample.image.name})")
-    return problems
+    return problems, len(sizes)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -169,12 +180,14 @@ def check_dataset(
     workers: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    use_manifest: bool = True,
     **reader_opts: Any,
 ) -> CheckReport:
     """Check layout, pairing, decoding, sizes, manifest hashes and counts; returns a report.
 
     Faults inside the tree are collected in report.problems (report.ok is False); an unknown
-    dataset or category, or a missing root, raises DatasetError at once.
+    dataset or category, a missing root, or a root holding another dataset raises
+    DatasetError at once. use_manifest=False checks a tree about to be (re)recorded.
     """
     params = params if params is not None else load_params()
     facts = dataset_facts(name, params)
@@ -191,11 +204,23 @@ def check_dataset(
         report.problems.append(str(exc))
     manifest = None
     try:
-        manifest = read_manifest(root)
+        manifest = read_manifest(root) if use_manifest else None
     except DatasetError as exc:
         report.problems.append(str(exc))
+    if manifest is not None and manifest.get("dataset") != name:
+        raise DatasetError(f"{root}: holds dataset {manifest.get('dataset')!r} (by its "
+                           f"{MANIFEST_NAME}), not {name!r}")
+    resolution = None
+    if facts.get("resolutions"):
+        variant = reader_opts.get("variant") or facts.get("default_variant")
+        resolution = facts["resolutions"].get(variant)
+        recorded = (manifest or {}).get("variants")
+        if recorded is not None and variant not in recorded:
+            report.problems.append(f"{root}: variant {variant} was not fetched here (has "
+                                   f"{', '.join(recorded) or 'none'}); fetch it with "
+                                   f"`omniad data fetch {name} --root {root} --variant {variant}`")
     hashes = {f["path"]: f["sha256"] for f in manifest["files"]} if manifest else None
-    if manifest is None:
+    if manifest is None and use_manifest:
         report.warnings.append(f"{root}: no {MANIFEST_NAME}; file hashes not compared")
 
     samples: list[Sample] = []
@@ -203,7 +228,8 @@ def check_dataset(
         report.counts[split] = {}
         for cat in cats:
             try:
-                found = read_samples(name, root, split, [cat], params=params, **reader_opts)
+                found = read_samples(name, root, split, [cat], params=params,
+                                     on_fault=report.problems.append, **reader_opts)
             except DatasetError as exc:
                 report.problems.append(str(exc))
                 found = []
@@ -213,11 +239,11 @@ def check_dataset(
 
     bar = tqdm(total=len(samples), desc=f"check {name}", disable=not progress)
     with bar, ThreadPoolExecutor(workers or len(os.sched_getaffinity(0))) as pool:
-        for found in pool.map(lambda s: _inspect(s, hashes, root), samples):
+        for found, decoded in pool.map(lambda s: _inspect(s, hashes, root, resolution), samples):
             for msg in found:
                 (report.warnings if msg.startswith("warning: ") else report.problems).append(msg)
+            report.n_files += decoded  # only files that decoded
             bar.update()
-    report.n_files = len(samples) + sum(s.mask is not None for s in samples)
 
     for target, exp in report.expected.items():
         split, _, cat = target.partition("/")

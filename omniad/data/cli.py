@@ -40,7 +40,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     manifest = fetch_dataset(
         args.dataset, args.root, _params(args), url=args.url, source=args.source,
         trust_first_download=args.trust_first_download, downloads=args.downloads,
-        variants=args.variant or None, progress=not args.quiet,
+        variants=args.variant or None, in_place=args.in_place, progress=not args.quiet,
     )
     print(f"{args.dataset}: ready at {Path(args.root).absolute()} "
           f"({len(manifest['files'])} files, tree sha256 {manifest['tree_sha256']})")
@@ -83,8 +83,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def os_error_line(exc: OSError) -> str:
+    """'<path>: <fault>' for an OS error (both paths of a failed rename), never a traceback."""
+    fault = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {fault}" if paths else f"{type(exc).__name__}: {fault}"
+
+
 def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Bad dataset input becomes one error line and exit code 2, not a traceback."""
+    """Bad dataset input or an OS fault (permissions, read-only or full disk) becomes one
+    error line and exit code 2, not a traceback."""
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
@@ -92,6 +100,9 @@ def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             return int(cmd(args))
         except DatasetError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {os_error_line(exc)}", file=sys.stderr)
             return 2
 
     return run
@@ -117,7 +128,11 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                    help="accept an archive whose SHA-256 is unknown and record the hash seen")
     p.add_argument("--downloads", type=Path, help="archive directory (default: ROOT/../downloads)")
     p.add_argument("--variant", action="append",
-                   help="Real-IAD resolution variant(s) to fetch (default realiad_256)")
+                   help="Real-IAD resolution variant(s) to fetch (default realiad_256); "
+                        "variants already in ROOT are kept")
+    p.add_argument("--in-place", action="store_true",
+                   help="with --source TREE: use the tree where it is (ROOT gets links and the "
+                        "manifest only; TREE may be read-only)")
     _common(p)
     p.set_defaults(func=_guarded(_cmd_fetch))
 

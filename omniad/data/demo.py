@@ -232,14 +232,14 @@ def make_demo(
     if size < 64 or min(n_train, n_test_good, n_per_defect) < 1:
         raise DatasetError("demo: size must be >= 64 and every count >= 1")
     root = Path(root).absolute()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(root, MANIFEST_NAME)  # first: puts back a tree a killed run left aside
     existing = read_manifest(root) if root.is_dir() else None
     if root.exists() and (existing or {}).get("dataset") != DATASET and (
         not root.is_dir() or any(root.iterdir())
     ):
         raise DatasetError(f"{root}: exists and is not a demo set (no demo {MANIFEST_NAME}); "
                            "refusing to overwrite it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(root)
     tmp = tmp_sibling(root, "tmp")
     per_category: dict[str, dict[str, int]] = {}
     try:
@@ -269,7 +269,7 @@ def make_demo(
                        "defects": {c: list(RECIPES[c].defects) for c in cats}},
             expected={"totals": totals, "per_category": per_category},
         )
-        install_tree(tmp, root)
+        install_tree(tmp, root, MANIFEST_NAME)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

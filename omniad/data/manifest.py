@@ -96,3 +96,28 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     if not isinstance(files, list) or tree_digest(files) != manifest.get("tree_sha256"):
         raise DatasetError(f"{path}: manifest file list does not match its tree_sha256")
     return manifest
+
+
+def provenance(root: Path) -> str:
+    """How the dataset at root was verified, in words (the report's provenance names it).
+
+    Pinned: every archive matched a SHA-256 pinned in params; first-trust lock: some archive
+    was accepted on first download and is verified against the lock from then on.
+    """
+    try:
+        manifest = read_manifest(root) if Path(root).is_dir() else None
+    except DatasetError:
+        return "unreadable manifest"
+    if manifest is None:
+        return "not fetched here"
+    if "generator" in manifest:
+        return "generated locally"
+    origins = {a.get("sha256_origin") for a in manifest.get("archives", [])}
+    if not origins:
+        return "extracted tree adopted after a full check (no archive hash)"
+    if origins == {"params"}:
+        return "archives verified against SHA-256 pinned in params"
+    if origins <= {"params", "lock", "trusted-first-download"}:
+        return (f"archives verified against the first-trust lock "
+                f"(params/checksums/{manifest['dataset']}.sha256)")
+    return "archive hashes recorded on first trust, no lock"

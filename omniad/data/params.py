@@ -15,7 +15,8 @@ from omniad.data.samples import DatasetError
 DEFAULT_PARAMS_PATH = Path(__file__).resolve().parents[2] / "params" / "datasets.yaml"
 PARAMS_ENV = "OMNIAD_DATASETS_PARAMS"  # a datasets.yaml file
 PARAMS_DIR_ENV = "OMNIAD_PARAMS"  # the project's params/ directory (tests and forks move it)
-MIRROR_ENV = "OMNIAD_DATA_MIRROR"
+MIRROR_ENV = "OMNIAD_DATA_MIRROR"  # mirror base URLs or local directories, space-separated
+CHECKSUMS_ENV = "OMNIAD_CHECKSUMS"  # directory of the checksum locks (default params/checksums)
 LAYOUTS = ("mvtec", "visa", "real_iad", "dtd")
 COUNT_KEYS = ("train_normal", "train_anomaly", "test_normal", "test_anomaly")
 
@@ -42,6 +43,7 @@ def load_params(path: Path | str | None = None) -> Params:
     except (OSError, yaml.YAMLError) as exc:
         raise DatasetError(f"{path}: cannot read dataset params: {exc}") from exc
     validate_params(doc, source=str(path))
+    doc["source_path"] = str(path.absolute())  # the lock and the hints are found from it
     return doc
 
 
@@ -61,6 +63,9 @@ def validate_params(doc: Any, source: str = "params") -> None:
         for arch in facts.get("archives", []):
             if not isinstance(arch, dict) or not arch.get("name"):
                 raise DatasetError(f"{where}.archives: every archive needs a name")
+            urls = arch.get("urls", [])
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise DatasetError(f"{where}.archives[{arch['name']}].urls: expected a list")
             sha = arch.get("sha256")
             if sha is not None and (len(str(sha)) != 64 or not _is_hex(str(sha))):
                 raise DatasetError(f"{where}.archives[{arch['name']}].sha256: not a SHA-256")
@@ -118,6 +123,23 @@ def override(params: Params, name: str, **fields: Any) -> Params:
     return out
 
 
-def mirror_base(params: Params) -> str | None:
-    """The mirror base URL: $OMNIAD_DATA_MIRROR, else params' `mirror`, else None."""
-    return os.environ.get(MIRROR_ENV) or params.get("mirror") or None
+def mirrors(params: Params) -> list[str]:
+    """Mirror bases (URLs or local directories) in order: $OMNIAD_DATA_MIRROR, then params."""
+    out = os.environ.get(MIRROR_ENV, "").split()
+    listed = params.get("mirrors") or []
+    out += [listed] if isinstance(listed, str) else list(listed)
+    if params.get("mirror"):  # the older single-mirror key
+        out.append(params["mirror"])
+    return list(dict.fromkeys(out))
+
+
+def params_path(params: Params) -> Path:
+    """The datasets.yaml these params were read from (the repo's for built-in ones)."""
+    return Path(params.get("source_path") or DEFAULT_PARAMS_PATH)
+
+
+def checksums_dir(params: Params) -> Path:
+    """Where the checksum locks live: $OMNIAD_CHECKSUMS, else params/checksums beside the YAML."""
+    if os.environ.get(CHECKSUMS_ENV):
+        return Path(os.environ[CHECKSUMS_ENV]).absolute()
+    return params_path(params).parent / "checksums"

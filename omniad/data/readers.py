@@ -28,13 +28,16 @@ def read_samples(
     categories: list[str] | None = None,
     *,
     params: Params | None = None,
+    on_fault: Fault | None = None,
     **opts: Any,
 ) -> list[Sample]:
     """All samples of one split of a dataset, in params category order then file-name order.
 
     opts are layout-specific: Real-IAD takes `variant` (realiad_256/512/1024) and `views`
     (camera views to keep, e.g. [1, 3] or ["C1"]). Raises DatasetError on any layout fault,
-    an unknown category, or a category whose split is empty.
+    an unknown category, or a category whose split is empty; with `on_fault`, a fault of one
+    file (stray, unpaired, missing) is passed to it and that file skipped instead, so that
+    `check` reports every bad file and still counts the good ones.
     """
     facts = dataset_facts(dataset, params)
     cats = resolve_categories(dataset, facts, categories)
@@ -44,11 +47,19 @@ def read_samples(
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root of {dataset} does not exist")
     reader = _READERS[facts["layout"]]
-    samples = reader(root, split, cats, facts, **opts)
+    fault = on_fault if on_fault is not None else _raise
+    samples = reader(root, split, cats, facts, fault, **opts)
     for cat in cats:
         if not any(s.category == cat for s in samples):
-            raise DatasetError(f"{root}: empty split: {dataset}/{cat} has no {split} images")
+            fault(f"{root}: empty split: {dataset}/{cat} has no {split} images")
     return samples
+
+
+Fault = Callable[[str], None]
+
+
+def _raise(msg: str) -> None:
+    raise DatasetError(msg)
 
 
 def image_suffixes(facts: Mapping[str, Any]) -> set[str]:
@@ -60,20 +71,21 @@ def _visible_entries(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
 
 
-def _image_files(directory: Path, suffixes: set[str]) -> list[Path]:
-    """Image files of a directory; anything else there is an error, not silently skipped."""
+def _image_files(directory: Path, suffixes: set[str], fault: Fault = _raise) -> list[Path]:
+    """Image files of a directory; anything else there is a fault, not silently skipped."""
     files = []
     for path in _visible_entries(directory):
         if path.is_dir():
-            raise DatasetError(f"{path}: unexpected directory among images")
-        if path.suffix.lower() not in suffixes:
-            raise DatasetError(f"{path}: unexpected file (not an image: {sorted(suffixes)})")
-        files.append(path)
+            fault(f"{path}: unexpected directory among images")
+        elif path.suffix.lower() not in suffixes:
+            fault(f"{path}: unexpected file (not an image: {sorted(suffixes)})")
+        else:
+            files.append(path)
     return files
 
 
 def _read_mvtec(
-    root: Path, split: str, cats: list[str], facts: Mapping[str, Any]
+    root: Path, split: str, cats: list[str], facts: Mapping[str, Any], fault: Fault
 ) -> list[Sample]:
     """MVTec layout: <cat>/{train,test}/<defect>/*.png, <cat>/ground_truth/<defect>/*_mask.png."""
     suffixes = image_suffixes(facts)
@@ -85,48 +97,58 @@ def _read_mvtec(
         split_dir = cat_dir / split
         if not split_dir.is_dir():
             raise DatasetError(f"{split_dir}: missing {split} directory")
-        defect_dirs = _visible_entries(split_dir)
-        for d in defect_dirs:
-            if not d.is_dir():
-                raise DatasetError(f"{d}: unexpected file (expected defect directories)")
+        defect_dirs = []
+        for d in _visible_entries(split_dir):
+            if d.is_dir():
+                defect_dirs.append(d)
+            else:
+                fault(f"{d}: unexpected file (expected defect directories)")
         defects = sorted((d.name for d in defect_dirs), key=lambda n: (n != NORMAL_DEFECT, n))
         if split == "train" and defects != [NORMAL_DEFECT]:
-            raise DatasetError(f"{split_dir}: train must hold only good/, found {defects}")
+            fault(f"{split_dir}: train must hold only good/, found {defects}")
+            defects = [d for d in defects if d == NORMAL_DEFECT]
         gt_dir = cat_dir / "ground_truth"
         for defect in defects:
-            images = _image_files(split_dir / defect, suffixes)
+            images = _image_files(split_dir / defect, suffixes, fault)
             if defect == NORMAL_DEFECT:
                 samples += [Sample(p, None, 0, cat, defect, split) for p in images]
                 continue
-            masks = _masks_by_stem(gt_dir / defect, suffixes)
+            try:
+                masks = _masks_by_stem(gt_dir / defect, suffixes, fault)
+            except DatasetError as exc:
+                fault(str(exc))
+                continue
             for img in images:
                 mask = masks.pop(img.stem, None)
                 if mask is None:
-                    raise DatasetError(f"{img}: image without its mask "
-                                       f"(expected {gt_dir / defect / (img.stem + MASK_SUFFIX)}.*)")
+                    fault(f"{img}: image without its mask "
+                          f"(expected {gt_dir / defect / (img.stem + MASK_SUFFIX)}.*)")
+                    continue
                 samples.append(Sample(img, mask, 1, cat, defect, split))
-            if masks:
-                stem = sorted(masks)[0]
-                raise DatasetError(f"{masks[stem]}: mask without its image "
-                                   f"(expected {split_dir / defect / stem}.*)")
+            for stem in sorted(masks):
+                fault(f"{masks[stem]}: mask without its image "
+                      f"(expected {split_dir / defect / stem}.*)")
         if split == "test" and gt_dir.is_dir():
             for d in _visible_entries(gt_dir):
                 if d.name not in defects:
-                    raise DatasetError(f"{d}: masks without images (no {split_dir / d.name})")
+                    fault(f"{d}: masks without images (no {split_dir / d.name})")
     return samples
 
 
-def _masks_by_stem(mask_dir: Path, suffixes: set[str]) -> dict[str, Path]:
+def _masks_by_stem(mask_dir: Path, suffixes: set[str], fault: Fault = _raise
+                   ) -> dict[str, Path]:
     """Map image stem -> mask path for <stem>_mask.<ext> files of a ground-truth directory."""
     if not mask_dir.is_dir():
         raise DatasetError(f"{mask_dir}: missing ground-truth directory")
     masks: dict[str, Path] = {}
-    for path in _image_files(mask_dir, suffixes | {".png"}):
+    for path in _image_files(mask_dir, suffixes | {".png"}, fault):
         if not path.stem.endswith(MASK_SUFFIX):
-            raise DatasetError(f"{path}: mask file name must end with {MASK_SUFFIX}")
+            fault(f"{path}: mask file name must end with {MASK_SUFFIX}")
+            continue
         stem = path.stem[: -len(MASK_SUFFIX)]
         if stem in masks:
-            raise DatasetError(f"{path}: second mask for image stem {stem!r} ({masks[stem]})")
+            fault(f"{path}: second mask for image stem {stem!r} ({masks[stem]})")
+            continue
         masks[stem] = path
     return masks
 
@@ -151,7 +173,7 @@ def _must_exist(path: Path, what: str, where: str) -> None:
 
 
 def _read_visa(
-    root: Path, split: str, cats: list[str], facts: Mapping[str, Any]
+    root: Path, split: str, cats: list[str], facts: Mapping[str, Any], fault: Fault
 ) -> list[Sample]:
     """VisA: split_csv/1cls.csv rows; train = normal train rows, test = every other row."""
     csv_path = root / facts.get("split_file", "split_csv/1cls.csv")
@@ -167,40 +189,51 @@ def _read_visa(
         if missing:
             raise DatasetError(f"{csv_path}: missing columns {sorted(missing)}")
         for line, row in enumerate(reader, start=2):
-            where = f"{csv_path}:{line}"
-            obj = (row["object"] or "").strip()
-            if obj not in known:
-                raise DatasetError(f"{where}: unknown object {obj!r}")
-            label_text = (row["label"] or "").strip().lower()
-            if label_text not in ("normal", "anomaly"):
-                raise DatasetError(f"{where}: label must be normal or anomaly, got {label_text!r}")
-            row_split = (row["split"] or "").strip().lower()
-            if row_split not in SPLITS:
-                raise DatasetError(f"{where}: split must be train or test, got {row_split!r}")
-            label = int(label_text == "anomaly")
-            is_train = row_split == "train" and label == 0
-            if obj not in wanted or (split == "train") != is_train:
+            try:
+                sample = _visa_row(root, row, f"{csv_path}:{line}", known, wanted, split, seen)
+            except DatasetError as exc:
+                fault(str(exc))
                 continue
-            image = _inside(root, (row["image"] or "").strip(), where)
-            if image in seen:
-                raise DatasetError(f"{where}: image {image} listed twice")
-            seen.add(image)
-            _must_exist(image, "image", where)
-            mask_rel = (row["mask"] or "").strip()
-            mask = None
-            if label:
-                if not mask_rel:
-                    raise DatasetError(f"{image}: image without its mask ({where} has none)")
-                mask = _inside(root, mask_rel, where)
-                _paired(image, mask, where)
-                _must_exist(mask, "mask", where)
-            elif mask_rel:
-                raise DatasetError(f"{where}: normal image {image.name} has a mask {mask_rel!r}")
-            defect = "anomaly" if label else NORMAL_DEFECT
-            samples.append(Sample(image, mask, label, obj, defect, split))
+            if sample is not None:
+                samples.append(sample)
     order = {c: i for i, c in enumerate(cats)}
     samples.sort(key=lambda s: (order[s.category], s.image.as_posix()))
     return samples
+
+
+def _visa_row(root: Path, row: Mapping[str, str], where: str, known: set[str],
+              wanted: set[str], split: str, seen: set[Path]) -> Sample | None:
+    """The sample of one 1cls.csv row, None when it belongs to another object or split."""
+    obj = (row["object"] or "").strip()
+    if obj not in known:
+        raise DatasetError(f"{where}: unknown object {obj!r}")
+    label_text = (row["label"] or "").strip().lower()
+    if label_text not in ("normal", "anomaly"):
+        raise DatasetError(f"{where}: label must be normal or anomaly, got {label_text!r}")
+    row_split = (row["split"] or "").strip().lower()
+    if row_split not in SPLITS:
+        raise DatasetError(f"{where}: split must be train or test, got {row_split!r}")
+    label = int(label_text == "anomaly")
+    is_train = row_split == "train" and label == 0
+    if obj not in wanted or (split == "train") != is_train:
+        return None
+    image = _inside(root, (row["image"] or "").strip(), where)
+    if image in seen:
+        raise DatasetError(f"{where}: image {image} listed twice")
+    seen.add(image)
+    _must_exist(image, "image", where)
+    mask_rel = (row["mask"] or "").strip()
+    mask = None
+    if label:
+        if not mask_rel:
+            raise DatasetError(f"{image}: image without its mask ({where} has none)")
+        mask = _inside(root, mask_rel, where)
+        _paired(image, mask, where)
+        _must_exist(mask, "mask", where)
+    elif mask_rel:
+        raise DatasetError(f"{where}: normal image {image.name} has a mask {mask_rel!r}")
+    defect = "anomaly" if label else NORMAL_DEFECT
+    return Sample(image, mask, label, obj, defect, split)
 
 
 def _parse_views(views: Iterable[int | str] | None, allowed: list[int]) -> set[int] | None:
@@ -226,6 +259,7 @@ def _read_real_iad(
     split: str,
     cats: list[str],
     facts: Mapping[str, Any],
+    fault: Fault,
     *,
     variant: str | None = None,
     views: Iterable[int | str] | None = None,
@@ -253,35 +287,48 @@ def _read_real_iad(
         if not isinstance(entries, list):
             raise DatasetError(f"{json_path}: no {split!r} list")
         for i, entry in enumerate(entries):
-            where = f"{json_path} [{split}][{i}]"
-            if not isinstance(entry, dict) or "image_path" not in entry:
-                raise DatasetError(f"{where}: expected an object with image_path")
-            if entry.get("category", cat) != cat:
-                raise DatasetError(f"{where}: category {entry.get('category')!r} != {cat!r}")
-            label = int(entry.get("anomaly_class", normal_class) != normal_class)
-            image = _inside(base, str(entry["image_path"]), where)
-            view = camera_view(image)
-            if view is None:
-                raise DatasetError(f"{where}: no camera view (_C1_.._C5_) in {image.name}")
-            if keep is not None and view not in keep:
+            try:
+                sample = _real_iad_entry(entry, f"{json_path} [{split}][{i}]", base, cat,
+                                         normal_class, keep, split)
+            except DatasetError as exc:
+                fault(str(exc))
                 continue
-            _must_exist(image, "image", where)
-            mask_rel = entry.get("mask_path")
-            mask = None
-            if label:
-                if not mask_rel:
-                    raise DatasetError(f"{image}: image without its mask ({where})")
-                mask = _inside(base, str(mask_rel), where)
-                _paired(image, mask, where)
-                _must_exist(mask, "mask", where)
-            elif mask_rel:
-                raise DatasetError(f"{where}: normal image {image.name} has a mask {mask_rel!r}")
-            defect = str(entry["anomaly_class"]) if label else NORMAL_DEFECT
-            samples.append(Sample(image, mask, label, cat, defect, split))
+            if sample is not None:
+                samples.append(sample)
     return samples
 
 
-def _read_dtd(root: Path, split: str, cats: list[str], facts: Mapping[str, Any]) -> list[Sample]:
+def _real_iad_entry(entry: Any, where: str, base: Path, cat: str, normal_class: str,
+                    keep: set[int] | None, split: str) -> Sample | None:
+    """The sample of one Real-IAD json entry, None when its camera view is not kept."""
+    if not isinstance(entry, dict) or "image_path" not in entry:
+        raise DatasetError(f"{where}: expected an object with image_path")
+    if entry.get("category", cat) != cat:
+        raise DatasetError(f"{where}: category {entry.get('category')!r} != {cat!r}")
+    label = int(entry.get("anomaly_class", normal_class) != normal_class)
+    image = _inside(base, str(entry["image_path"]), where)
+    view = camera_view(image)
+    if view is None:
+        raise DatasetError(f"{where}: no camera view (_C1_.._C5_) in {image.name}")
+    if keep is not None and view not in keep:
+        return None
+    _must_exist(image, "image", where)
+    mask_rel = entry.get("mask_path")
+    mask = None
+    if label:
+        if not mask_rel:
+            raise DatasetError(f"{image}: image without its mask ({where})")
+        mask = _inside(base, str(mask_rel), where)
+        _paired(image, mask, where)
+        _must_exist(mask, "mask", where)
+    elif mask_rel:
+        raise DatasetError(f"{where}: normal image {image.name} has a mask {mask_rel!r}")
+    defect = str(entry["anomaly_class"]) if label else NORMAL_DEFECT
+    return Sample(image, mask, label, cat, defect, split)
+
+
+def _read_dtd(root: Path, split: str, cats: list[str], facts: Mapping[str, Any],
+              fault: Fault) -> list[Sample]:
     """DTD: <images_dir>/<texture>/*.jpg; one split ("train") holding every image."""
     if split != "train":
         raise DatasetError(f"{root}: empty split: DTD has only a train split (all images)")
@@ -293,7 +340,7 @@ def _read_dtd(root: Path, split: str, cats: list[str], facts: Mapping[str, Any])
         if not tex_dir.is_dir():
             raise DatasetError(f"{tex_dir}: missing texture directory")
         samples += [Sample(p, None, 0, cat, NORMAL_DEFECT, split)
-                    for p in _image_files(tex_dir, suffixes)]
+                    for p in _image_files(tex_dir, suffixes, fault)]
     return samples
 
 

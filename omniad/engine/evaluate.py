@@ -7,6 +7,7 @@ bounded by one category's statistics, not the test set's maps.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from omniad.atomic import atomic_file
+from omniad.engine.checkpoint import rng_state, seed_everything, set_rng_state
 from omniad.engine.progress import Progress
 from omniad.engine.runtime import Runtime
 from omniad.metrics import CategoryAccumulator, mean_over_categories
@@ -116,7 +119,34 @@ def _save_samples(keep: dict, path: Path) -> None:
             imgs.append(img)
             msk.append(mask)
             mps.append(amap)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, category=np.array(cats), image=np.stack(imgs),
-                        mask=np.stack(msk), map=np.stack(mps))
-    tmp.replace(path)
+    with atomic_file(path, "wb") as fh:  # the package's one write helper
+        np.savez_compressed(fh, category=np.array(cats), image=np.stack(imgs),
+                            mask=np.stack(msk), map=np.stack(mps))
+
+
+def evaluation_record(epoch: int, result: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json / history.json keep of one evaluation."""
+    return {"epoch": epoch, "mean": result["mean"], "per_category": result["per_category"],
+            "eval_wall_s": result["eval_wall_s"]}
+
+
+def periodic_evaluator(dataset: Dataset, cfg: dict[str, Any], rt: Runtime
+                       ) -> Callable[[ADMethod, int], dict[str, Any]]:
+    """An evaluation during training that does not perturb it.
+
+    Every RNG state is saved and restored around it (the released FFN and the eval jitter draw
+    random numbers, and so does a DataLoader), and it is seeded as ``omniad evaluate`` seeds
+    the final one, so the record at epoch e equals evaluating that epoch's weights by hand.
+    The caller puts the model back in train mode.
+    """
+    def run(model: ADMethod, epoch: int) -> dict[str, Any]:
+        saved = rng_state()
+        try:
+            seed_everything(cfg["seed"])
+            result = evaluate(model, dataset, {**cfg, "run": f"{cfg['run']} @{epoch}"}, rt)
+        finally:
+            set_rng_state(saved)
+        m = result["mean"]
+        print(f"[eval] {cfg['run']} epoch {epoch}: mAD {100 * m['mad']:.1f}", flush=True)
+        return evaluation_record(epoch, result)
+    return run

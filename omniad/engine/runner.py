@@ -11,10 +11,10 @@ from omniad.atomic import write_json_atomic
 from omniad.codehash import evaluate_code
 from omniad.data.cache import CachedDataset
 from omniad.engine.checkpoint import load_checkpoint, seed_everything
-from omniad.engine.evaluate import evaluate
+from omniad.engine.evaluate import evaluate, evaluation_record, periodic_evaluator
 from omniad.engine.features import FeatureCache, build_features
 from omniad.engine.runtime import Runtime, git_state, package_versions
-from omniad.engine.train import train
+from omniad.engine.train import evaluation_due, train
 from omniad.grid import (
     _import,
     cache_dir,
@@ -26,6 +26,7 @@ from omniad.grid import (
 )
 from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenBackbone
+from omniad.selection import released_max
 
 
 def build_model(cfg: dict[str, Any]) -> ADMethod:
@@ -59,7 +60,12 @@ def train_run(key: str, device: str | None = None, bf16: bool = False,
                             cfg["categories"])
     model = build_model(cfg)
     features = FeatureCache(cfg, len(dataset)) if feature_key(cfg) is not None else None
-    summary = train(model, dataset, cfg, run_dir, rt, features)
+    evaluator = None
+    if any(evaluation_due(cfg, e) for e in range(1, cfg["epochs"])):
+        test = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "test",
+                             cfg["categories"])
+        evaluator = periodic_evaluator(test, cfg, rt)
+    summary = train(model, dataset, cfg, run_dir, rt, evaluator, features)
     print(f"[train] {key}: done in {summary['train_wall_s']:.1f}s, final loss "
           f"{summary['final_loss']:.4f}")
     return run_dir
@@ -95,9 +101,13 @@ def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
         "peak_mem_mb": max(train_info.get("peak_mem_mb") or 0, rt.peak_memory_mb()),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    # the periodic evaluations of training plus this, the final one (it counts, as released)
+    history = _read_json(run_dir / "history.json")
+    evaluations = [*history.get("evaluations", []), evaluation_record(cfg["epochs"], result)]
     out = {"run": key, "protocol": cfg["protocol"], "dataset": cfg["dataset"],
            "method": cfg["method"], "variant": cfg["variant"], "seed": cfg["seed"],
-           "mean": result["mean"], "per_category": result["per_category"], "meta": meta}
+           "mean": result["mean"], "per_category": result["per_category"],
+           "evaluations": evaluations, "released_max": released_max(evaluations), "meta": meta}
     write_json_atomic(run_dir / "metrics.json", out)
     m = result["mean"]
     print(f"[eval] {key}: mAD {100 * m['mad']:.1f}  image AUROC {100 * m['image_auroc']:.1f}  "

@@ -1,7 +1,8 @@
 """The training loop: deterministic order, atomic checkpoints, resume after preemption.
 
 A run's folder holds ``checkpoint.pt`` (latest state; written every K epochs and on SIGTERM or
-SIGUSR1), ``history.json`` (per-epoch loss) and, once done, ``model.pt`` + ``train.json``.
+SIGUSR1), ``history.json`` (per-epoch loss and the periodic evaluations) and, once done,
+``model.pt`` + ``train.json``.
 Batch order is a pure function of (seed, epoch), and every RNG state is checkpointed, so a
 resumed run ends with the same weights, bit for bit, as one never interrupted.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +81,27 @@ def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtim
           f"from {len(idx)} training images", flush=True)
 
 
+def evaluation_due(cfg: dict[str, Any], epoch: int) -> bool:
+    """A periodic evaluation after this (1-based) epoch? Every ``evaluate_every`` epochs, except
+    the last: the final model is evaluated by ``omniad evaluate``, and that evaluation counts as
+    one of them (the released trainers test at multiples of 20 and at the last epoch)."""
+    every = int(cfg.get("evaluate_every") or 0)
+    return every > 0 and epoch % every == 0 and epoch < cfg["epochs"]
+
+
+#: (model, epoch) -> one evaluation record; see omniad.engine.evaluate.periodic_evaluator.
+Evaluator = Callable[[ADMethod, int], dict[str, Any]]
+
+
 def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
-          rt: Runtime, features: FeatureCache | None = None) -> dict[str, Any]:
+          rt: Runtime, evaluator: Evaluator | None = None,
+          features: FeatureCache | None = None) -> dict[str, Any]:
     """Train (or resume) one run; returns the training summary written to train.json.
-    With ``features``, batches carry the cached encoder features instead of images."""
+
+    ``evaluator``, when given, runs after every epoch :func:`evaluation_due` names; its records
+    go to history.json and the checkpoint (so a resumed run neither loses nor repeats one).
+    With ``features``, batches carry the cached encoder features instead of images.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     batch, epochs, seed = cfg["batch_size"], cfg["epochs"], cfg["seed"]
@@ -96,10 +115,12 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         model.to(memory_format=torch.channels_last)
     optimizers, schedulers = model.configure_optimizers(cfg["optim"], total)
     clip = cfg["optim"].get("clip_grad")
+    evaluations: list[dict[str, Any]] = []
 
     state = load_checkpoint(ckpt_path)
     cached_bb = None if features is None else features.backbone(model)
     start_epoch, start_iter, history, elapsed = 0, 0, [], 0.0
+    started_at = time.time()  # wall-clock start of the training (kept across resumes)
     if state is not None:
         if state["config_hash"] != rt.config_hash:
             raise RuntimeError(f"{ckpt_path}: written for another config "
@@ -114,6 +135,8 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         history, elapsed = state["history"], state["elapsed_s"]
         if features is not None:
             features.attach(model, fresh=False)
+        started_at = state.get("started_at", started_at)
+        evaluations = list(state.get("evaluations", []))
         print(f"[train] {cfg['run']}: resuming at epoch {start_epoch} iteration {start_iter}",
               flush=True)
     else:
@@ -124,21 +147,26 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
     source = dataset if features is None else features.dataset
     rt.compile_modules(model)
 
+    def write_history() -> None:
+        write_json_atomic(run_dir / "history.json",
+                          {"run": cfg["run"], "epochs": history, "evaluations": evaluations})
+
     def save(epoch: int, it: int, epoch_losses: list[float]) -> None:
         atomic_torch_save({
+            "started_at": started_at,
             "model": model.state_dict(),
             "optimizers": [o.state_dict() for o in optimizers],
             "schedulers": [s.state_dict() for s in schedulers],
             "rng": rng_state(), "epoch": epoch, "iter": it, "history": history,
             "epoch_losses": epoch_losses, "elapsed_s": elapsed + (time.perf_counter() - t0),
-            "config_hash": rt.config_hash,
+            "config_hash": rt.config_hash, "evaluations": evaluations,
         }, ckpt_path)
-        write_json_atomic(run_dir / "history.json", {"run": cfg["run"], "epochs": history})
+        write_history()
 
     progress = Progress(f"train {cfg['run']}", total, start=start_epoch * steps_per_epoch + start_iter)
     model.train()
     t0 = time.perf_counter()
-    images_seen = 0
+    images_seen, eval_s = 0, 0.0  # periodic evaluations: not training throughput
     epoch_losses: list[float] = list(state["epoch_losses"]) if state and start_iter else []
     with StopFlag() as stop:
         for epoch in range(start_epoch, epochs):
@@ -149,20 +177,11 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
                                 generator=torch.Generator(), persistent_workers=False)
             for it, item in enumerate(loader, start=first):
                 step = epoch * steps_per_epoch + it
-                with step_inputs(item, cached_bb, rt, cfg["image_size"]) as images, \
-                        rt.autocast():
-                    terms = model.training_step(images, step)
-                loss = terms["loss"]
-                for o in optimizers:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(model.clip_parameters(), float(clip))
-                for o in optimizers:
-                    o.step()
+                with step_inputs(item, cached_bb, rt, cfg["image_size"]) as images:
+                    terms = model.optimization_step(images, step, optimizers, clip, rt.autocast)
                 for s in schedulers:
                     s.step()
-                value = float(loss.detach())
+                value = float(terms["loss"].detach())
                 if value != value:
                     raise FloatingPointError(f"{cfg['run']}: loss is NaN at step {step}")
                 epoch_losses.append(value)
@@ -177,18 +196,30 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
             history.append({"epoch": epoch + 1, "loss": sum(epoch_losses) / len(epoch_losses),
                             "lr": optimizers[0].param_groups[-1]["lr"]})
             epoch_losses = []
+            if evaluator is not None and evaluation_due(cfg, epoch + 1):
+                t_eval = time.perf_counter()
+                evaluations.append(evaluator(model, epoch + 1))
+                eval_s += time.perf_counter() - t_eval
+                model.train()
+                if stop.signum is not None:  # a signal during the evaluation: keep it, go
+                    save(epoch + 1, 0, [])
+                    sys.exit(PREEMPTED_EXIT)
             if (epoch + 1) % cfg["checkpoint_every"] == 0 and epoch + 1 < epochs:
                 save(epoch + 1, 0, [])
     progress.close()
     wall = elapsed + time.perf_counter() - t0
     atomic_torch_save({"model": model.state_dict(), "config_hash": rt.config_hash},
                       run_dir / "model.pt")
-    write_json_atomic(run_dir / "history.json", {"run": cfg["run"], "epochs": history})
+    write_history()
     summary = {"train_wall_s": round(wall, 3), "train_steps": total,
-               "train_images_per_s": round(images_seen / max(time.perf_counter() - t0, 1e-9), 2),
+               "train_images_per_s": round(images_seen / max(time.perf_counter() - t0 - eval_s,
+                                                             1e-9), 2),
+               "periodic_eval_wall_s": round(sum(e.get("eval_wall_s", 0) for e in evaluations), 3),
                "final_loss": history[-1]["loss"] if history else None,
                "peak_mem_mb": rt.peak_memory_mb(),
-               "features": None if features is None else features.folder.name}
+               "features": None if features is None else features.folder.name,
+               # unix seconds: the MLflow run's start and end (omniad/tracking.py)
+               "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
     write_json_atomic(run_dir / "train.json", summary)
     ckpt_path.unlink(missing_ok=True)
     return summary

@@ -6,6 +6,8 @@ and its optimizers. The engine owns everything else (loop, checkpoints, tracking
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,3 +55,29 @@ class ADMethod(nn.Module):
     def clip_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradient norm is clipped together (default: all trainable)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Groups whose gradient norms are clipped separately (default: one, ``clip_parameters``)."""
+        return [self.clip_parameters()]
+
+    def optimization_step(self, images: torch.Tensor, step: int,
+                          optimizers: list[torch.optim.Optimizer], clip: float | None,
+                          autocast: Callable[[], contextlib.AbstractContextManager]
+                          ) -> dict[str, torch.Tensor]:
+        """One training iteration: loss, backward, clip, step; returns ``training_step``'s terms.
+
+        The default sums the loss and steps every optimizer once. A method whose reference
+        steps differently (RLR: once per feature level) overrides this, so the engine's loop
+        stays free of method branches. Schedulers are stepped by the engine afterwards.
+        """
+        with autocast():
+            terms = self.training_step(images, step)
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if clip:
+            for group in self.clip_groups():
+                torch.nn.utils.clip_grad_norm_(group, float(clip))
+        for o in optimizers:
+            o.step()
+        return terms

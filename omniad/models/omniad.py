@@ -118,7 +118,9 @@ class TokenAttention(nn.Module):
         if mode != "self":
             self.tokens = nn.Parameter(torch.zeros(1, tokens, dim))
             shape = (1, heads, tokens, 1) if mode == "q" else (1, heads, 1, tokens)
-            self.bias = nn.Parameter(torch.zeros(shape))
+            # named `pe` (released: pe1 / pe2), not `bias`: the weight-decay rule exempts
+            # 1-D params and names ending in ".bias", so the released 4-D biases ARE decayed
+            self.pe = nn.Parameter(torch.zeros(shape))
         if ffn == "learned":
             self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -137,7 +139,7 @@ class TokenAttention(nn.Module):
         k, v = (self._split(t) for t in self.kv(kv_src).chunk(2, dim=-1))
         attn = (q @ k.transpose(-1, -2) * (c // self.heads) ** -0.5).softmax(-1)
         if self.mode != "self":
-            attn = attn + self.bias
+            attn = attn + self.pe
         out = (attn @ v).transpose(1, 2).reshape(b, -1, c)
         if self.ffn_mode == "resampled":
             out = resampled_ffn(out)
@@ -276,12 +278,18 @@ def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1, bias: bool = Fal
 
 
 class FusionNeck(nn.Module):
-    """Width rule: encoder channels (c1, c2, c3) with c2 = 2 c1, c3 = 2 c2; out 2 c3 at 1/32.
+    """Fuse encoder channels (c1, c2, c3), c2 = 2 c1 and c3 = 2 c2, into one 2 c3 map at 1/32.
 
-    For ResNet18/34 (64, 128, 256) this is exactly the released neck (conv3x3 s2 64->128,
-    conv1x1 128->128, conv3x3 s2 128->256, conv1x1 256->256, conv1x1 256->256, then 3 timm
-    Bottlenecks of width 128, the first strided, -> 512). ResNet50-type encoders scale every
-    width by their channels (c3 = 1024 -> 2048 out).
+    Width rule: every channel constant of the released neck (written for c1 = 64) scaled by
+    s = c1 / 64, the Bottlenecks' ``base_width`` (timm's width per group, 64) included. For
+    ResNet18/34 (s = 1) this is exactly the released neck: conv3x3 s2 64->128, conv1x1
+    128->128, conv3x3 s2 128->256, conv1x1 256->256, conv1x1 256->256, then 3 timm Bottlenecks
+    of width 128, the first strided, -> 512. For ResNet50 / WideResNet50-2 (c1 = 256, s = 4) the
+    Bottlenecks' inner width becomes 2048 (not 512): the released code cannot build these
+    encoders and no public code spells the rule out; it is derived, because it is the only rule
+    found (16 tried, measured with fvcore on a minimally patched copy of the released module)
+    that gives the paper's Table VII counts, 468M / 114G and 484M / 121G, while leaving
+    ResNet18/34 exact.
     """
 
     def __init__(self, channels: list[int], blocks: int = 3) -> None:
@@ -289,18 +297,21 @@ class FusionNeck(nn.Module):
         c1, c2, c3 = channels
         if c2 != 2 * c1 or c3 != 2 * c2:
             raise ValueError(f"encoder channels {channels} do not double per stage")
+        scale = c1 / 64  # the released neck's constants assume c1 = 64
         self.down1 = _conv_bn_relu(c1, c2, 3, stride=2)
         self.lat2 = _conv_bn_relu(c2, c2, 1, bias=True)
         self.down2 = _conv_bn_relu(c2, c3, 3, stride=2)
         self.lat3 = _conv_bn_relu(c3, c3, 1, bias=True)
         self.fuse = _conv_bn_relu(c3, c3, 1, bias=True)
         planes = c3 // 2
+        base_width = round(64 * scale)
         downsample = nn.Sequential(
             nn.Conv2d(c3, planes * Bottleneck.expansion, 1, stride=2, bias=False),
             nn.BatchNorm2d(planes * Bottleneck.expansion),
         )
-        layers = [Bottleneck(c3, planes, stride=2, downsample=downsample)]
-        layers += [Bottleneck(planes * Bottleneck.expansion, planes) for _ in range(blocks - 1)]
+        layers = [Bottleneck(c3, planes, stride=2, downsample=downsample, base_width=base_width)]
+        layers += [Bottleneck(planes * Bottleneck.expansion, planes, base_width=base_width)
+                   for _ in range(blocks - 1)]
         self.blocks = nn.Sequential(*layers)
         self.out_channels = planes * Bottleneck.expansion
         for m in self.modules():
@@ -317,11 +328,18 @@ class FusionNeck(nn.Module):
 
 
 def add_jitter(tokens: torch.Tensor, scale: float, prob: float) -> torch.Tensor:
-    """UniAD-style feature jitter on (B, N, C) tokens: noise ~ N(0,1) * ||f||_2 / C * scale."""
-    if scale <= 0 or prob <= 0 or (prob < 1 and torch.rand(()) > prob):
+    """UniAD-style feature jitter on (B, N, C) tokens: noise ~ N(0,1) * ||f||_2 / C * scale.
+
+    The noise is drawn (on the CPU generator, then moved, as released) even at scale 0: the
+    released model calls this in eval with scale 0, and with the re-drawn FFNs a seeded
+    evaluation depends on that draw. At scale 0 the tokens come back unchanged.
+    """
+    if prob <= 0 or (prob < 1 and torch.rand(()) > prob):
         return tokens
     b, n, c = tokens.shape
     noise = torch.randn((b, n, c)).to(tokens.device, tokens.dtype)
+    if scale == 0:
+        return tokens
     return tokens + noise * tokens.norm(dim=2, keepdim=True) / c * scale
 
 
@@ -329,7 +347,7 @@ def add_jitter(tokens: torch.Tensor, scale: float, prob: float) -> torch.Tensor:
 # The model.
 # --------------------------------------------------------------------------------------------
 class OmniAD(ADMethod):
-    """Frozen encoder -> fusion neck (+ jitter in training) -> Omni-block decoder."""
+    """Frozen encoder -> fusion neck (+ jitter; scale 0 in eval) -> Omni-block decoder."""
 
     name = "omniad"
     config_class = OmniADConfig
@@ -352,11 +370,11 @@ class OmniAD(ADMethod):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         feats_t = self.encoder(images)
         z = self.neck(feats_t)
-        if self.training:
-            b, c, h, w = z.shape
-            tokens = add_jitter(z.flatten(2).transpose(1, 2), self.cfg.jitter_scale,
-                                self.cfg.jitter_prob)
-            z = tokens.transpose(1, 2).reshape(b, c, h, w)
+        b, c, h, w = z.shape
+        # in eval too, with scale 0 (prob 1), as released: it draws the noise all the same
+        scale, prob = (self.cfg.jitter_scale, self.cfg.jitter_prob) if self.training else (0.0, 1.0)
+        tokens = add_jitter(z.flatten(2).transpose(1, 2), scale, prob)
+        z = tokens.transpose(1, 2).reshape(b, c, h, w)
         return feats_t, self.decoder(z)
 
     @staticmethod

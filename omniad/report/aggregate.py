@@ -24,6 +24,7 @@ from typing import Any
 
 from omniad.grid import Params, Run, enumerate_runs, results_root, tables_of
 from omniad.report.latex import ReportError, write_atomic
+from omniad.selection import SELECTIONS, selected
 
 #: Metric keys in the paper's column order (mAD last).
 METRICS: tuple[str, ...] = (
@@ -41,17 +42,25 @@ class RunResult:
     directory: Path
     metrics: dict[str, Any] | None
     cells: list[tuple[str, str]]  # (table, row) pairs this run fills
+    selection: str = "final"  # which model the tables show (omniad.selection)
 
     @property
     def found(self) -> bool:
         return self.metrics is not None
 
-    def pct(self, category: str = MEAN) -> dict[str, float]:
-        """Metrics of one category (or the mean) in percent."""
+    def pct(self, category: str = MEAN, selection: str | None = None) -> dict[str, float]:
+        """Metrics of one category (or the mean) in percent, under a selection (default: the
+        collection's): the final model, or the released-style per-metric maximum."""
         if self.metrics is None:
             return {}
-        src = self.metrics["mean"] if category == MEAN else self.metrics["per_category"][category]
+        chosen = selected(self.metrics, selection or self.selection)
+        src = chosen["mean"] if category == MEAN else chosen["per_category"].get(category, {})
         return {k: 100.0 * float(src[k]) for k in METRICS if src.get(k) is not None}
+
+    @property
+    def evaluated_epochs(self) -> list[int]:
+        """Epochs of the evaluations behind the released-style maximum (final one included)."""
+        return [e["epoch"] for e in (self.metrics or {}).get("evaluations", [])]
 
     def categories(self) -> list[str]:
         return sorted(self.metrics.get("per_category", {})) if self.metrics else []
@@ -102,6 +111,7 @@ class Collection:
     params: Params
     protocol: str
     results: list[RunResult]
+    selection: str = "final"
     # (table, row, dataset) -> the seeds of that cell, in grid order
     cells: dict[tuple[str, str, str], list[RunResult]] = field(default_factory=dict)
 
@@ -117,12 +127,14 @@ class Collection:
         return self.cells.get((table, row, dataset), [])
 
     def stat(self, table: str, row: str, dataset: str, metric: str,
-             category: str = MEAN) -> Stat | None:
-        """The metric of one cell over its seeds; None when the grid has no run for it."""
+             category: str = MEAN, selection: str | None = None) -> Stat | None:
+        """The metric of one cell over its seeds (under the collection's selection unless
+        another is named); None when the grid has no run for it."""
         seeds = self.cell(table, row, dataset)
         if not seeds:
             return None
-        vals = [r.pct(category)[metric] for r in seeds if r.found and metric in r.pct(category)]
+        vals = [r.pct(category, selection)[metric] for r in seeds
+                if r.found and metric in r.pct(category, selection)]
         return Stat(vals, len(seeds))
 
     def variant_of(self, table: str, row: str, dataset: str) -> str | None:
@@ -147,13 +159,17 @@ def _load(path: Path, run: Run) -> dict[str, Any] | None:
     return data
 
 
-def collect(params: Params, protocol: str, results: Path | None = None) -> Collection:
-    """Read every ``metrics.json`` of the protocol's grid (missing ones stay missing)."""
+def collect(params: Params, protocol: str, results: Path | None = None,
+            selection: str = "final") -> Collection:
+    """Read every ``metrics.json`` of the protocol's grid (missing ones stay missing); the
+    tables will show ``selection`` (``final`` or ``released-max``)."""
+    if selection not in SELECTIONS:
+        raise ReportError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
     root = results or results_root()
-    out = Collection(params, protocol, [])
+    out = Collection(params, protocol, [], selection=selection)
     for run in enumerate_runs(params, protocol):
         d = run.dir(root)
-        rr = RunResult(run, d, _load(d / "metrics.json", run), tables_of(params, run))
+        rr = RunResult(run, d, _load(d / "metrics.json", run), tables_of(params, run), selection)
         out.results.append(rr)
         for table, row in rr.cells:
             out.cells.setdefault((table, row, run.dataset), []).append(rr)

@@ -9,11 +9,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omniad.grid import REPO, Params, load_params, results_root
+from omniad.data.manifest import provenance
+from omniad.grid import REPO, Params, data_root, load_params, results_root
 from omniad.report import aggregate as agg
 from omniad.report.audit import caveats, encoder_weights, render_audit
 from omniad.report.costs import costs_by_cell, load_complexity
 from omniad.report.figures import make_figures
+from omniad.report.inflation import SELECTION_NAMES, inflation_csv, inflation_rows, render_inflation
 from omniad.report.latex import (
     APT_PACKAGES,
     ReportError,
@@ -80,16 +82,30 @@ def report_context(col: agg.Collection, figures: list, git: dict) -> dict:
                        f"{escape(epochs)}; seeds: {escape(seeds)}"),
         "report_git": escape(_git_line(git)),
         "runs_git": escape(_runs_git(col)),
+        "data": escape("; ".join(f"{dataset_name(d)}: {provenance(data_root(d))}"
+                                 for d in proto.datasets)),
         "weights": escape(", ".join(weights) if weights else
                           ("pretrained" if proto.pretrained else "random") + " (from params; no runs)"),
         "n_found": len(col.found), "n_missing": len(col.missing), "n_planned": len(col.results),
         "caveats": caveats(col),
+        "selection": TeX(escape(f"the {SELECTION_NAMES[col.selection]} ")
+                         + rf"(\texttt{{--selection {escape(col.selection)}}})"),
+        "evaluate_every": escape(_evaluate_every(col)),
         "methods_tables": [_safe(t) for t in order if params.grid.tables[t].kind == "methods"],
         "ablation_tables": [_safe(t) for t in order if params.grid.tables[t].kind != "methods"],
         "figures": [{"stem": _safe(f.stem), "caption": f.caption} for f in figures],
         "missing": [{"key": r.run.key, "cells": ", ".join(f"{t}:{w}" for t, w in r.cells)}
                     for r in col.missing],
     }
+
+
+def _evaluate_every(col: agg.Collection) -> str:
+    proto = col.params.protocol(col.protocol)
+    own = {m: s.evaluate_every for m, s in proto.methods.items() if s.evaluate_every is not None}
+    text = f"every {proto.evaluate_every} epochs" if proto.evaluate_every else "none"
+    if own:
+        text += " (" + ", ".join(f"{m}: {e}" for m, e in own.items()) + ")"
+    return text + "; the final evaluation counts as one"
 
 
 def _git_state() -> dict:
@@ -101,11 +117,13 @@ def _git_state() -> dict:
 def build_report(protocol: str | None = None, *, params: Params | None = None, pdf: bool = True,
                  results: Path | None = None, reports: Path | None = None,
                  complexity: list[dict] | None = None, git: dict | None = None,
-                 log=print) -> ReportResult:
+                 selection: str = "final", log=print) -> ReportResult:
     """Everything of ``omniad report``; returns what was written.
 
     ``complexity`` (rows of :func:`omniad.complexity.complexity_rows`) and ``git`` may be given
-    to skip measuring / asking git (tests). Raises :class:`ReportError` on LaTeX failure, or when
+    to skip measuring / asking git (tests). ``selection``: what the tables show, the final model
+    (headline) or the released-style maximum; the selection section shows both either way.
+    Raises :class:`ReportError` on LaTeX failure, or when
     pdflatex is missing while ``$OMNIAD_REQUIRE_PDF=1``.
     """
     params = params or load_params()
@@ -113,7 +131,7 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
     params.protocol(protocol)  # validates the name
     results = results or results_root()
     folder = (reports or reports_root()) / protocol
-    col = agg.collect(params, protocol, results)
+    col = agg.collect(params, protocol, results, selection)
     out = ReportResult(protocol, folder, len(col.results), len(col.found), len(col.missing))
     log(f"omniad report {protocol}: {out.found} of {out.planned} runs found, {out.missing} missing"
         + (" (shown as '--')" if out.missing else ""))
@@ -125,7 +143,11 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
             log(f"warning: {problem}")
     costs = costs_by_cell(complexity)
 
-    out.files += agg.write_products(col, costs, results).values()
+    # the machine-readable products (DVC metrics) always hold the headline: the final model
+    final = col if col.selection == "final" else agg.collect(params, protocol, results)
+    out.files += agg.write_products(final, costs, results).values()
+    out.files.append(write_atomic((results or results_root()) / protocol / "inflation.csv",
+                                  inflation_csv(inflation_rows(col))))
 
     tables = folder / "tables"
     out.files.append(write_atomic(tables / "macros.tex", render("macros.tex.j2")))
@@ -134,6 +156,7 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
     out.files.append(write_atomic(tables / "complexity.tex",
                                   render_complexity(params, protocol, complexity, problem)))
     out.files.append(write_atomic(tables / "audit.tex", render_audit(col, complexity)))
+    out.files.append(write_atomic(tables / "inflation.tex", render_inflation(col)))
 
     figdir = folder / "figures"
     figures = make_figures(col, costs, figdir)
@@ -166,9 +189,10 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
 
 
 def cli(args) -> int:
-    """``omniad report --protocol P [--no-pdf]``."""
+    """``omniad report --protocol P [--selection final|released-max] [--no-pdf]``."""
     try:
-        build_report(getattr(args, "protocol", None), pdf=not getattr(args, "no_pdf", False))
+        build_report(getattr(args, "protocol", None), pdf=not getattr(args, "no_pdf", False),
+                     selection=getattr(args, "selection", None) or "final")
     except ReportError as exc:
         print(f"omniad report: error: {exc}", file=sys.stderr)
         return 1

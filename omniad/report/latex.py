@@ -11,11 +11,12 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jinja2
+
+from omniad.atomic import write_bytes_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -106,19 +107,7 @@ def render(template: str, **context: Any) -> str:
 # --------------------------------------------------------------------------------------------
 def write_atomic(path: Path, data: str | bytes) -> Path:
     """Write a file through a temporary sibling and a rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, data)  # the package's one helper (mode from the umask)
 
 
 # --------------------------------------------------------------------------------------------

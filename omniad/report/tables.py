@@ -225,9 +225,11 @@ LEGEND = (r"First line: ours; second line (grey): the paper's value and, in brac
 def _proto_phrase(col: Collection) -> str:
     proto = col.params.protocol(col.protocol)
     seeds = len(proto.seeds)
+    chosen = ("final model" if col.selection == "final" else
+              "released-style maximum over the evaluations (selection on the test set)")
     return (rf"Ours: protocol \texttt{{{escape(col.protocol)}}}, {proto.image_size}\,px, "
             rf"{seeds} seed{'s' if seeds > 1 else ''}"
-            + (r" (mean $\pm$ std)" if seeds > 1 else "") + ".")
+            + (r" (mean $\pm$ std)" if seeds > 1 else "") + f", {chosen}.")
 
 
 # --------------------------------------------------------------------------------------------

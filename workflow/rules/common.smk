@@ -74,3 +74,10 @@ def eval_code(wc):
     """Hash of the code evaluation runs (metrics, maps): a change re-evaluates, no retraining."""
     return evaluate_code(PARAMS.methods[wc.method].builder)
 REPO_REPORTS = REPO / "reports"
+
+
+rule caches:
+    """The resized cache of every dataset of the protocol: the DVC data stage's target."""
+    localrule: True
+    input:
+        [rel(cache_dir(d, SIZE) / CACHE_KEY) for d in PROTO.datasets],

@@ -249,15 +249,17 @@ class DeSTSeg(ADMethod):
         self, optim: dict[str, Any], total_steps: int
     ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
         """SGD for the student (``optim.lr``) and for the head (``optim.seg_lr_res`` for its two
-        basic blocks, ``optim.seg_lr_head`` for the rest); momentum and weight decay shared.
+        basic blocks, ``optim.seg_lr_head`` for the rest); momentum and weight decay shared;
+        ``optim.no_decay_1d`` exempts the student's biases and BatchNorm parameters (ADer).
         Only one part has gradients at a time, so stepping both every iteration trains each in
         its own phase."""
-        from omniad.engine.optim import build_scheduler
+        from omniad.engine.optim import build_scheduler, param_groups
 
         self.de_st_steps = max(1, int(round(total_steps * self.cfg.de_st_fraction)))
-        kw = {"momentum": float(optim.get("momentum", 0.9)),
-              "weight_decay": float(optim.get("weight_decay", 1e-4))}
-        student = torch.optim.SGD(self.student.parameters(), lr=float(optim["lr"]), **kw)
+        wd = float(optim.get("weight_decay", 1e-4))
+        kw = {"momentum": float(optim.get("momentum", 0.9)), "weight_decay": wd}
+        student = torch.optim.SGD(param_groups(self.student, wd, bool(optim.get("no_decay_1d"))),
+                                  lr=float(optim["lr"]), momentum=kw["momentum"])
         seg = torch.optim.SGD([
             {"params": self.segmentation.res.parameters(), "lr": float(optim.get("seg_lr_res", 0.1))},
             {"params": self.segmentation.head.parameters(), "lr": float(optim.get("seg_lr_head", 0.01))},

@@ -49,8 +49,8 @@ its Hilbert scan indices (index and inverse, 2 * H*W int64 per HSS block: 39,296
 256 px: the selective scan is elementwise work that fvcore does not count (the official 8.30G
 does not count it either).
 
-Hilbert order: the classic ``d2xy`` curve; the official code takes it from the ``hilbert``
-package (Skilling's transform), which may differ from this one by a reflection of the curve.
+Hilbert order: the classic ``d2xy`` curve. The official code takes it from the ``hilbert``
+package; for every grid side 2-64 the two orders are identical (checked index by index).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class MambaADConfig(BaseModel):
 
     backbone: Literal["resnet34", "resnet18"] = "resnet34"
     #: torchvision's ResNet34 (the released config loads resnet34-43635321.pth).
-    pretrained: str | bool = "resnet34.tv_in1k"
+    pretrained: str | bool = "resnet34.bt_in1k"  # official: resnet34-43635321.pth (= Omni-AD's)
     depths: tuple[int, int, int, int] = (3, 4, 6, 3)
     d_state: int = Field(16, ge=1)
     expand: int = Field(2, ge=1)

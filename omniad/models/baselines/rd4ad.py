@@ -21,8 +21,9 @@ The official code also builds a 1x1 conv 4096->2048 + BN (``conv4``/``bn4``) tha
 never calls: ``form: official`` registers it (as ``ocbe.unused``) so the parameter count matches
 the official 117.1M, and never uses it. ADer's form has no such conv (80.6M).
 
-Teacher weights: ``wide_resnet50_2.tv_in1k`` (torchvision's, as the official code); ADer loads
-timm's ``wide_resnet50_2.racm_in1k`` instead -- set ``pretrained`` to that tag to follow ADer.
+Teacher weights: ``wide_resnet50_2.racm_in1k``, the file ADer loads
+(``wide_resnet50_racm-8234f177.pth``), since the defaults follow ADer's multi-class model; the
+official single-class code loads torchvision's (``wide_resnet50_2.tv_in1k``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class RD4ADConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["wide_resnet50_2", "resnet50"] = "wide_resnet50_2"
-    pretrained: str | bool = "wide_resnet50_2.tv_in1k"
+    pretrained: str | bool = "wide_resnet50_2.racm_in1k"
     form: Literal["ader", "official"] = "ader"
     ocbe_blocks: int = Field(3, ge=1)
     map_sigma: float = Field(4.0, ge=0)

@@ -16,9 +16,12 @@ Computed, for a 256x256 input, per feature level l (frozen ``tf_efficientnet_b6`
     window around i; NSA = MHA(q=x, k=r, v=x) where query i sees only the keys OUTSIDE that
     window; x = LN(2 * MCA + NSA) (no residual from the layer input); x = LN(x + FFN(x))
     (FFN d->4d->d, GELU, no dropout; 8 heads).
-  - out = Linear(d->C)(LN(x)); loss = MSE(out, f) + mean(1 - cos_C(out, f)), summed over levels
-    (the official code steps one optimizer once per level; the networks share no parameter, so
-    with Adam that equals one step on the sum).
+  - out = Linear(d->C)(LN(x)); loss per level = MSE(out, f) + mean(1 - cos_C(out, f)).
+    ``stepping: per_level`` (released): the official loop runs zero_grad / backward / step once
+    per level on one shared Adam, under torch 1.12.1, whose ``zero_grad()`` leaves zero tensors:
+    each step also moves the other level's parameters by momentum alone, and Adam's step count
+    is about twice that of one step on the sum. ``stepping: summed`` is that loop under
+    torch >= 2 (zero_grad sets None) = one step on the summed loss.
   - map per level: mean_C (f - out)^2 + 1 - cos_C(f, out) at g x g, bilinear (align_corners) to
     the input, averaged over levels. The official code scores pixels on this map as is; the
     image score is the max of the map after a Gaussian of sigma ``map_sigma`` (4 at 256 px).
@@ -37,7 +40,9 @@ the epoch with the best image AU-ROC on the test set, we report the last epoch i
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -69,6 +74,7 @@ class RLRConfig(BaseModel):
     ffn_scale: int = Field(4, ge=1)
     jitter_scale: float = Field(4.0, ge=0)
     map_sigma: float = Field(4.0, ge=0)
+    stepping: Literal["per_level", "summed"] = "per_level"  # see the module docstring
 
     @field_validator("pretrained", mode="before")
     @classmethod
@@ -261,15 +267,45 @@ class RLR(ADMethod):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(targets, reconstructions), one (B, N, C) pair per level."""
         targets = self.targets(images)
-        inputs = targets
-        if self.training:
-            inputs = [add_jitter(t, self.cfg.jitter_scale, 1.0) for t in targets]
-        return targets, [net(x) for net, x in zip(self.levels, inputs, strict=True)]
+        return targets, [net(self.jitter(t)) for net, t in zip(self.levels, targets, strict=True)]
+
+    def jitter(self, target: torch.Tensor) -> torch.Tensor:
+        """Training input of one level (the official code skips the draw at scale 0)."""
+        if self.training and self.cfg.jitter_scale > 0:
+            return add_jitter(target, self.cfg.jitter_scale, 1.0)
+        return target
 
     def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         targets, outs = self(images)
         losses = [level_loss(o, t) for o, t in zip(outs, targets, strict=True)]
         return {"loss": sum(losses), **{f"loss_l{i}": loss.detach() for i, loss in enumerate(losses)}}
+
+    def optimization_step(self, images: torch.Tensor, step: int,
+                          optimizers: list[torch.optim.Optimizer], clip: float | None,
+                          autocast: Callable[[], contextlib.AbstractContextManager]
+                          ) -> dict[str, torch.Tensor]:
+        """``per_level``: the official loop, one zero_grad / backward / step per level with
+        torch-1.12 ``zero_grad`` (gradients zeroed, not freed: Adam steps every parameter that
+        ever had a gradient). The jitter is drawn level by level, as there; the networks draw
+        nothing else, so the RNG stream matches ``training_step``'s."""
+        if self.cfg.stepping == "summed":
+            return super().optimization_step(images, step, optimizers, clip, autocast)
+        with autocast():
+            targets = self.targets(images)
+        losses = []
+        for net, t in zip(self.levels, targets, strict=True):
+            with autocast():
+                loss = level_loss(net(self.jitter(t)), t)
+            for o in optimizers:
+                o.zero_grad(set_to_none=False)
+            loss.backward()
+            if clip:
+                for group in self.clip_groups():
+                    torch.nn.utils.clip_grad_norm_(group, float(clip))
+            for o in optimizers:
+                o.step()
+            losses.append(loss.detach())
+        return {"loss": sum(losses), **{f"loss_l{i}": v for i, v in enumerate(losses)}}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -173,16 +173,27 @@ class SimpleNet(ADMethod):
             return smoothed, to_numpy_maps(scores).reshape(len(scores), -1).max(axis=1)
         return smoothed, max_score(smoothed)
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        if getattr(self, "clip_mode", "joint") == "separate":
+            return [[p for p in part.parameters() if p.requires_grad]
+                    for part in (self.adaptor, self.discriminator)]
+        return super().clip_groups()
+
     def configure_optimizers(
         self, optim: dict[str, Any], total_steps: int
     ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
         """Two optimizers: the discriminator's from the top-level keys of ``optim``, the
-        adaptor's from ``optim.adaptor`` (name, lr, weight_decay, ...); one shared schedule."""
+        adaptor's from ``optim.adaptor`` (name, lr, weight_decay, ...); one shared schedule.
+        ``optim.clip_mode``: ``separate`` clips the two parts' gradient norms each on its own
+        (ADer), ``joint`` together."""
         from omniad.engine.optim import build_optimizer, build_scheduler
 
         adaptor_block = optim.get("adaptor")
         if not adaptor_block:
             raise ValueError("simplenet: optim.adaptor {name, lr, weight_decay} is required")
+        self.clip_mode = optim.get("clip_mode", "joint")
+        if self.clip_mode not in ("joint", "separate"):
+            raise ValueError(f"simplenet: optim.clip_mode {self.clip_mode!r} is not joint or separate")
         opts = [build_optimizer(self.discriminator, optim),
                 build_optimizer(self.adaptor, {**adaptor_block})]
         return opts, [build_scheduler(o, optim, total_steps) for o in opts]
