@@ -1,13 +1,13 @@
 """``omniad grid cost``: GPU-hours of a protocol's grid before launch.
 
-hours(run) = training images x epochs / images per second / 3600, training only (the
-periodic and final evaluations are passes over the test set, not counted). Images/s comes from a measurement, never a guess, in this
-order: the images/s recorded by an earlier run of the same key (``metrics.json`` ->
-``meta.train_images_per_s``), then the same method's earlier runs of this protocol (mean),
-then the throughput benchmark's JSON (``benchmarks/train_throughput.py --json``, measured on
-the kind of device the protocol's training jobs ask for; the method's full "ours"
-configuration, scaled by pixel count when its image size differs), then a value the
-user passes (``--images-per-s``, measured on their GPU). Each run says which one it used;
+hours(run) = training images x epochs / images per second / 3600, training only (the periodic
+and final evaluations are passes over the test set, not counted). Images/s comes from a
+measurement, never a guess, in this order: the images/s recorded by an earlier run of the same
+key (``metrics.json`` -> ``meta.train_images_per_s``), then the same method's earlier runs of
+this protocol (mean), then the throughput benchmark's JSON (``benchmarks/train_throughput.py
+--json``, measured on the kind of device the protocol's training jobs ask for; the method's
+full "ours" configuration, scaled by pixel count when its image size differs), then a value
+the user passes (``--images-per-s``, measured on their GPU). Each run says which one it used;
 runs with none are listed as unknown rather than priced.
 """
 
