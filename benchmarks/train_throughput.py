@@ -8,7 +8,7 @@ ours:     the encoder's features come from a memory-mapped feature cache (what
 The configurations are built and warmed up one after the other, and their timed steps
 interleave, so a busy machine slows them alike. Peak memory: on CUDA each configuration's
 allocations above those before it was built; on CPU the peak RSS of a fresh process that builds
-it and runs its warm-up steps. Both train the method's own training step (loss, backward,
+it and runs its warm-up steps. Both train the method's own optimization step (loss, backward,
 gradient clip, AdamW step) on the same batches with the released hyper-parameters; the
 encoder is random (no weights offline; throughput does not depend on the weights' values).
 It also measures the effect of a float16 feature cache on the loss (same weights, same
@@ -134,20 +134,15 @@ class Loop:
             feats = [torch.from_numpy(a[idx].astype(np.float32)).to(rt.device, non_blocking=True)
                      for a in arrays]
             images = torch.empty((len(idx), 3, self.size, self.size), device="meta")
-            with self.bb.feed(feats), rt.autocast():
-                loss = self.model.training_step(images, i)["loss"]
+            with self.bb.feed(feats):
+                terms = self.model.optimization_step(images, i, self.opts, self.clip,
+                                                     rt.autocast)
         else:
-            with rt.autocast():
-                loss = self.model.training_step(batch.to(rt.device, non_blocking=True), i)["loss"]
-        for o in self.opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.model.clip_parameters(), float(self.clip))
-        for o in self.opts:
-            o.step()
+            terms = self.model.optimization_step(batch.to(rt.device, non_blocking=True), i,
+                                                 self.opts, self.clip, rt.autocast)
         for s in self.scheds:
             s.step()
+        loss = terms["loss"]
         self.losses.append(float(loss.detach()))  # syncs, as the engine's loop does
         if timed:
             self.seconds += time.perf_counter() - t0
