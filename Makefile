@@ -26,13 +26,18 @@ test-fast: venv
 
 # Through DVC (which runs Snakemake), so dvc.lock is written and `dvc status` is clean after it;
 # the protocol is params/protocols.yaml's `default` (demo). Without git (a tarball) DVC cannot
-# run: Snakemake alone then.
-demo: venv
-	@test "$$($(BIN)/python -c 'from omniad.grid import load_params; print(load_params().default_protocol)')" = demo \
-	  || { echo "make demo: params/protocols.yaml default is not demo"; exit 1; }
+# run: Snakemake alone then. Timed from the start, venv creation included (a newcomer's wall
+# time), printed at the end.
+demo:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory venv && \
+	{ test "$$($(BIN)/python -c 'from omniad.grid import load_params; print(load_params().default_protocol)')" = demo \
+	  || { echo "make demo: params/protocols.yaml default is not demo"; exit 1; }; } && \
 	if git rev-parse --git-dir >/dev/null 2>&1; then PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro; \
-	else PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --config protocol=demo; fi
-	@$(BIN)/python -m omniad.cli where --protocol demo
+	else PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --config protocol=demo; fi && \
+	$(BIN)/python -m omniad.cli where --protocol demo; \
+	rc=$$?; t=$$(( $$(date +%s) - start )); \
+	echo "[demo] total wall time: $$((t / 60)) min $$((t % 60)) s (exit $$rc)"; exit $$rc
 
 lint: venv
 	$(BIN)/ruff check omniad tests benchmarks workflow

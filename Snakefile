@@ -18,6 +18,11 @@ include: "workflow/rules/report.smk"
 
 
 onstart:
+    # what the grid will cost, from measured images/s (omniad/gridcost.py), before launch
+    from argparse import Namespace
+    from omniad.gridcost import cli as grid_cost
+
+    grid_cost(Namespace(protocol=PROTOCOL, throughput=None, images_per_s=None, summary=True))
     shell(f"omniad track init --protocol {PROTOCOL}")
 
 

@@ -21,19 +21,36 @@ def _run_cmds(sub: argparse._SubParsersAction) -> None:
         p.add_argument("run", help="run key protocol/dataset/method/variant/seed "
                                    "(see `omniad grid runs`)")
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-        p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (not released)")
-        p.add_argument("--channels-last", action="store_true", help="channels_last on CUDA")
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast (as the protocol's bf16: true)")
+        p.add_argument("--channels-last", action="store_true", help="channels_last (as the protocol's)")
         p.set_defaults(func=lambda a, n=name: getattr(
             __import__("omniad.engine.runner", fromlist=["x"]), f"cli_{n}")(a))
 
 
+def _features(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("features", help="compute a run's frozen-encoder feature cache once")
+    p.add_argument("run", help="run key; every run with the same feature key shares it")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
+    p.set_defaults(func=lambda a: __import__("omniad.engine.runner", fromlist=["x"]).cli_features(a))
+
+
 def _grid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="the experiment grid of params/")
-    p.add_argument("what", choices=["runs", "count", "check"])
+    p.add_argument("what", choices=["runs", "count", "check", "cost"])
     p.add_argument("--protocol", default=None)
+    p.add_argument("--throughput", default=None, help="cost: benchmarks/train_throughput.py "
+                   "--json output (default results/throughput.json when present)")
+    p.add_argument("--images-per-s", type=float, default=None,
+                   help="cost: your measured train images/s for runs with no other measure")
+    p.add_argument("--summary", action="store_true", help="cost: the total line only")
 
     def run(a: argparse.Namespace) -> int:
         from omniad.grid import enumerate_runs, load_params
+
+        if a.what == "cost":
+            from omniad.gridcost import cli as cost
+
+            return cost(a)
 
         params = load_params()
         runs = enumerate_runs(params, a.protocol or params.default_protocol)
@@ -87,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data(sub)
     _run_cmds(sub)
+    _features(sub)
     _grid(sub)
     _track(sub)
     _report(sub)

@@ -76,6 +76,18 @@ class Protocol(_Strict):
     # the init statistics, under which a random encoder's deep stages fade out.
     random_encoder_bn: Literal["train", "init"] = "train"
     checkpoint_every: int = Field(1, ge=1)
+    # Frozen-encoder features computed once per encoder state (omniad/engine/features.py) and
+    # stored at this precision; "off" recomputes them every step as the released code does.
+    # float32 trains bit-identically to the images path; float16 halves the disk and rounds
+    # the targets (its effect on the loss: README, benchmarks).
+    feature_cache: Literal["off", "float32", "float16"] = "off"
+    # GPU options (off = the released fp32 loop): bf16 autocast, channels_last tensors,
+    # torch.compile of the trained modules (compile_backend: inductor, or aot_eager/eager where
+    # no compiler is available).
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
     # Periodic evaluation every N epochs (0: only the final model). The final evaluation
     # counts as one: the released-style maximum is taken over these and the final one.
     evaluate_every: int = Field(0, ge=0)
@@ -402,6 +414,9 @@ def resolve_run(params: Params, run: Run) -> dict[str, Any]:
         "batch_size": batch,
         "eval_batch_size": proto.eval_batch_size,
         "checkpoint_every": proto.checkpoint_every,
+        "feature_cache": proto.feature_cache,
+        "gpu_options": {"bf16": proto.bf16, "channels_last": proto.channels_last,
+                        "compile": proto.compile_backend if proto.compile else False},
         "workers": proto.workers,
         "optim": optim,
         "categories": params.datasets[run.dataset].get("categories"),
@@ -433,6 +448,51 @@ def data_root(dataset: str) -> Path:
 def cache_dir(dataset: str, size: int) -> Path:
     """Resized uint8 cache of a dataset: $OMNIAD_CACHE/<dataset>-<size> (default cache/)."""
     return Path(os.environ.get("OMNIAD_CACHE", REPO / "cache")) / f"{dataset}-{size}"
+
+
+def feature_key(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Everything a run's cached encoder features depend on, or None when the run reads images
+    (cache off, or a method whose backbone input is not cacheable). Runs with equal keys share
+    one feature cache: the dataset and its categories at this size, the backbone (class,
+    arguments, weights tag), the random init's seed when there are no pretrained weights, the
+    BatchNorm calibration, the storage precision, the code and library versions that compute
+    them. The engine also checks the built
+    encoder's state fingerprint against the cache's, so what the key misses cannot pass."""
+    if cfg.get("feature_cache", "off") == "off":
+        return None
+    spec = _import(cfg["builder"]).backbone_spec(cfg["model"])
+    if spec is None:
+        return None
+    kwargs = dict(spec["kwargs"])
+    pretrained = kwargs.get("pretrained")
+    random_init = pretrained in (None, False)
+    if pretrained is True:  # the architecture's default tag: one cache for True and the tag
+        from omniad.models.encoder import DEFAULT_TAGS
+
+        arch = kwargs.get("arch", "")
+        kwargs["pretrained"] = DEFAULT_TAGS.get(arch, arch)
+    from importlib.metadata import version
+
+    from omniad.codehash import fingerprint
+
+    return {"dataset": cfg["dataset"], "categories": cfg.get("categories"),
+            "image_size": cfg["image_size"], "backbone": {**spec, "kwargs": kwargs},
+            "init_seed": cfg["seed"] if random_init else None,
+            "encoder_bn": cfg["encoder_bn"], "dtype": cfg["feature_cache"],
+            # the code that computes them (the backbone's module and what it imports) and
+            # the libraries whose kernels do: an edit or an upgrade recomputes them
+            "code": fingerprint(str(spec["class"]).partition(":")[0], "omniad.engine.features"),
+            "versions": {pkg: version(pkg) for pkg in ("torch", "timm")}}
+
+
+def features_dir(key: dict[str, Any]) -> Path:
+    """Where the features of a feature key live: $OMNIAD_CACHE/features/<dataset>-<size>-<hash>."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return features_root() / f"{key['dataset']}-{key['image_size']}-{digest[:12]}"
+
+
+def features_root() -> Path:
+    return Path(os.environ.get("OMNIAD_CACHE", REPO / "cache")) / "features"
 
 
 def tables_of(params: Params, run: Run) -> list[tuple[str, str]]:

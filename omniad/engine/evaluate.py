@@ -40,6 +40,13 @@ def evaluate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime
     loader = DataLoader(dataset, batch_size=cfg["eval_batch_size"], shuffle=False,
                         num_workers=rt.workers, pin_memory=rt.device.type == "cuda")
     accs: dict[str, CategoryAccumulator] = {}
+    per_category: dict[str, dict[str, float]] = {}
+    # a category's metrics are computed, and its accumulator freed, once its last test image
+    # is in: memory is one category's statistics however large the test set (the cached
+    # test split is stored category by category)
+    left = _images_per_category(dataset)
+    metric_s = 0.0
+    order: dict[str, int] = {}  # categories in order of appearance (the report's order)
     keep: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]] = {}
     progress = Progress(f"eval {cfg['run']}", len(loader))
     t0, n_images = time.perf_counter(), 0
@@ -54,23 +61,43 @@ def evaluate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime
             masks = item["mask"][:, 0].numpy() > 0.5
             cats = np.asarray(item["category"])
             for cat in dict.fromkeys(cats.tolist()):
+                order.setdefault(cat, len(order))
                 sel = cats == cat
-                accs.setdefault(cat, CategoryAccumulator()).update(maps[sel], masks[sel],
-                                                                   scores[sel])
+                if cat not in accs:
+                    accs[cat] = CategoryAccumulator()
+                accs[cat].update(maps[sel], masks[sel], scores[sel])
+                if left is not None:
+                    left[cat] -= int(sel.sum())
+                    if left[cat] == 0:
+                        t1 = time.perf_counter()
+                        per_category[cat] = accs.pop(cat).compute()
+                        metric_s += time.perf_counter() - t1
             if samples_path is not None:
                 _keep_samples(keep, images, masks, maps, item)
             n_images += images.shape[0]
             progress.update(i + 1)
     progress.close()
-    infer_s = time.perf_counter() - t0
+    infer_s = time.perf_counter() - t0 - metric_s
     t1 = time.perf_counter()
-    per_category = {cat: acc.compute() for cat, acc in accs.items()}
-    metric_s = time.perf_counter() - t1
+    per_category.update({cat: acc.compute() for cat, acc in accs.items()})
+    per_category = dict(sorted(per_category.items(), key=lambda kv: order[kv[0]]))
+    metric_s += time.perf_counter() - t1
     if samples_path is not None:
         _save_samples(keep, samples_path)
     return {"per_category": per_category, "mean": mean_over_categories(per_category),
             "test_images": n_images, "test_images_per_s": round(n_images / infer_s, 2),
             "eval_wall_s": round(infer_s + metric_s, 3), "metric_wall_s": round(metric_s, 3)}
+
+
+def _images_per_category(dataset: Dataset) -> dict[str, int] | None:
+    """Test images per category, when the dataset lists its records (CachedDataset)."""
+    records = getattr(dataset, "records", None)
+    if records is None:
+        return None
+    out: dict[str, int] = {}
+    for r in records:
+        out[r["category"]] = out.get(r["category"], 0) + 1
+    return out
 
 
 def _keep_samples(keep: dict, images: torch.Tensor, masks: np.ndarray, maps: np.ndarray,

@@ -12,12 +12,14 @@ from omniad.codehash import evaluate_code
 from omniad.data.cache import CachedDataset
 from omniad.engine.checkpoint import load_checkpoint, seed_everything
 from omniad.engine.evaluate import evaluate, evaluation_record, periodic_evaluator
+from omniad.engine.features import FeatureCache, build_features
 from omniad.engine.runtime import Runtime, git_state, package_versions
 from omniad.engine.train import evaluation_due, train
 from omniad.grid import (
     _import,
     cache_dir,
     config_hash,
+    feature_key,
     load_params,
     parse_run_key,
     resolve_run,
@@ -37,7 +39,10 @@ def _setup(key: str, device: str | None, bf16: bool, channels_last: bool
            ) -> tuple[dict[str, Any], Path, Runtime]:
     run = parse_run_key(key)
     cfg = resolve_run(load_params(), run)
-    rt = Runtime.create(device, cfg["workers"], bf16, channels_last, config_hash(cfg))
+    gpu = cfg["gpu_options"]  # the protocol's; the command-line flags can only add to them
+    gpu["bf16"], gpu["channels_last"] = gpu["bf16"] or bf16, gpu["channels_last"] or channels_last
+    rt = Runtime.create(device, cfg["workers"], gpu["bf16"], gpu["channels_last"],
+                        config_hash(cfg), gpu["compile"])
     run_dir = run.dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", {"config_hash": rt.config_hash, **cfg})
@@ -54,12 +59,13 @@ def train_run(key: str, device: str | None = None, bf16: bool = False,
     dataset = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "train",
                             cfg["categories"])
     model = build_model(cfg)
+    features = FeatureCache(cfg, len(dataset)) if feature_key(cfg) is not None else None
     evaluator = None
     if any(evaluation_due(cfg, e) for e in range(1, cfg["epochs"])):
         test = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "test",
                              cfg["categories"])
         evaluator = periodic_evaluator(test, cfg, rt)
-    summary = train(model, dataset, cfg, run_dir, rt, evaluator)
+    summary = train(model, dataset, cfg, run_dir, rt, evaluator, features)
     print(f"[train] {key}: done in {summary['train_wall_s']:.1f}s, final loss "
           f"{summary['final_loss']:.4f}")
     return run_dir
@@ -89,6 +95,7 @@ def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
         "encoder_weights": "+".join(weights) if weights else None,
         "train_wall_s": train_info.get("train_wall_s"),
         "train_images_per_s": train_info.get("train_images_per_s"),
+        "feature_cache": train_info.get("features"),  # the cache training read, if any
         "eval_wall_s": result["eval_wall_s"], "test_images_per_s": result["test_images_per_s"],
         "test_images": result["test_images"],
         "peak_mem_mb": max(train_info.get("peak_mem_mb") or 0, rt.peak_memory_mb()),
@@ -123,6 +130,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def cli_train(args: argparse.Namespace) -> int:
     train_run(args.run, args.device, args.bf16, args.channels_last)
+    return 0
+
+
+def cli_features(args: argparse.Namespace) -> int:
+    """Build the feature cache a run reads (shared by every run with its feature key)."""
+    cfg = resolve_run(load_params(), parse_run_key(args.run))
+    if feature_key(cfg) is None:
+        print(f"[features] {args.run}: reads images (feature cache off or not cacheable)")
+        return 0
+    build_features(cfg, args.device)
     return 0
 
 

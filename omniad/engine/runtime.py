@@ -32,23 +32,39 @@ class Runtime:
     bf16: bool = False
     channels_last: bool = False
     config_hash: str = ""
+    #: torch.compile backend for the trained modules ("inductor", "aot_eager", ...) or "".
+    compile: str = ""
 
     @classmethod
     def create(cls, device: str | None, workers: int | str, bf16: bool, channels_last: bool,
-               config_hash: str) -> Runtime:
+               config_hash: str, compile: str | bool = "") -> Runtime:
+        """The GPU options (bf16 autocast, channels_last, compile) pay on CUDA; they also run
+        on CPU, where the tests check them for correctness."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.set_num_threads(job_cpus())
-        if (bf16 or channels_last) and dev.type != "cuda":
-            raise ValueError("--bf16 and --channels-last are CUDA options")
         n = max(job_cpus() - 1, 0) if workers == "auto" else int(workers)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        return cls(dev, min(n, 8), bf16, channels_last, config_hash)
+        backend = "inductor" if compile is True else (compile or "")
+        return cls(dev, min(n, 8), bf16, channels_last, config_hash, backend)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def compile_modules(self, model: torch.nn.Module) -> None:
+        """``torch.compile`` every trained child module in place (``Module.compile``: the
+        state_dict keys, hence checkpoints, are unchanged); frozen backbones stay eager,
+        as they may be fed cached features."""
+        if not self.compile:
+            return
+        from omniad.models.encoder import FrozenBackbone
+
+        for child in model.children():
+            if not isinstance(child, FrozenBackbone) and any(
+                    p.requires_grad for p in child.parameters()):
+                child.compile(backend=self.compile)
 
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
@@ -57,6 +73,7 @@ class Runtime:
 
     def describe(self) -> dict[str, Any]:
         d = {"device": str(self.device), "bf16": self.bf16, "channels_last": self.channels_last,
+             "compile": self.compile or False,
              "workers": self.workers, "torch_threads": torch.get_num_threads(),
              "host": platform.node(), "cpu_count": job_cpus()}
         if self.device.type == "cuda":

@@ -27,10 +27,11 @@ from omniad.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from omniad.engine.features import FeatureCache, calibration_indices, step_inputs
 from omniad.engine.progress import Progress
 from omniad.engine.runtime import Runtime
 from omniad.models.base import ADMethod
-from omniad.models.encoder import calibrate_random_backbones
+from omniad.models.encoder import FrozenBackbone, calibrate_random_backbones
 
 
 class StopFlag:
@@ -65,13 +66,17 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
 CALIBRATION_IMAGES = 256
 
 
-def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime) -> None:
+def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime,
+              skip: tuple[FrozenBackbone, ...] = ()) -> None:
     """Random encoders' BatchNorm statistics from training images (a pure function of the
-    data); saved with the weights, hence also used on resume and at test time."""
-    n = len(dataset)
-    idx = torch.linspace(0, n - 1, min(n, CALIBRATION_IMAGES)).round().long().unique().tolist()
+    data); saved with the weights, hence also used on resume and at test time. ``skip``: a
+    backbone whose calibrated state comes from the feature cache (computed the same way)."""
+    if not any(isinstance(m, FrozenBackbone) and m.pretrained == "random"
+               and not any(m is k for k in skip) for m in model.modules()):
+        return
+    idx = calibration_indices(len(dataset), CALIBRATION_IMAGES)
     images = torch.stack([dataset[i]["image"] for i in idx]).to(rt.device)
-    count = calibrate_random_backbones(model, images)
+    count = calibrate_random_backbones(model, images, skip=skip)
     print(f"[train] {cfg['run']}: BatchNorm statistics of {count} random encoder(s) estimated "
           f"from {len(idx)} training images", flush=True)
 
@@ -89,11 +94,13 @@ Evaluator = Callable[[ADMethod, int], dict[str, Any]]
 
 
 def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
-          rt: Runtime, evaluator: Evaluator | None = None) -> dict[str, Any]:
+          rt: Runtime, evaluator: Evaluator | None = None,
+          features: FeatureCache | None = None) -> dict[str, Any]:
     """Train (or resume) one run; returns the training summary written to train.json.
 
     ``evaluator``, when given, runs after every epoch :func:`evaluation_due` names; its records
     go to history.json and the checkpoint (so a resumed run neither loses nor repeats one).
+    With ``features``, batches carry the cached encoder features instead of images.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -111,6 +118,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
     evaluations: list[dict[str, Any]] = []
 
     state = load_checkpoint(ckpt_path)
+    cached_bb = None if features is None else features.backbone(model)
     start_epoch, start_iter, history, elapsed = 0, 0, [], 0.0
     started_at = time.time()  # wall-clock start of the training (kept across resumes)
     if state is not None:
@@ -125,12 +133,19 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         set_rng_state(state["rng"])
         start_epoch, start_iter = state["epoch"], state["iter"]
         history, elapsed = state["history"], state["elapsed_s"]
+        if features is not None:
+            features.attach(model, fresh=False)
         started_at = state.get("started_at", started_at)
         evaluations = list(state.get("evaluations", []))
         print(f"[train] {cfg['run']}: resuming at epoch {start_epoch} iteration {start_iter}",
               flush=True)
-    elif cfg.get("encoder_bn") == "train":
-        calibrate(model, dataset, cfg, rt)
+    else:
+        if features is not None:
+            features.attach(model, fresh=True)
+        if cfg.get("encoder_bn") == "train":
+            calibrate(model, dataset, cfg, rt, skip=(cached_bb,) if cached_bb else ())
+    source = dataset if features is None else features.dataset
+    rt.compile_modules(model)
 
     def write_history() -> None:
         write_json_atomic(run_dir / "history.json",
@@ -157,15 +172,13 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         for epoch in range(start_epoch, epochs):
             batches = epoch_batches(n, batch, seed, epoch)
             first = start_iter if epoch == start_epoch else 0
-            loader = DataLoader(dataset, batch_sampler=batches[first:], num_workers=rt.workers,
+            loader = DataLoader(source, batch_sampler=batches[first:], num_workers=rt.workers,
                                 pin_memory=rt.device.type == "cuda",
                                 generator=torch.Generator(), persistent_workers=False)
             for it, item in enumerate(loader, start=first):
-                images = item["image"].to(rt.device, non_blocking=True)
-                if rt.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
                 step = epoch * steps_per_epoch + it
-                terms = model.optimization_step(images, step, optimizers, clip, rt.autocast)
+                with step_inputs(item, cached_bb, rt, cfg["image_size"]) as images:
+                    terms = model.optimization_step(images, step, optimizers, clip, rt.autocast)
                 for s in schedulers:
                     s.step()
                 value = float(terms["loss"].detach())
@@ -204,6 +217,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
                "periodic_eval_wall_s": round(sum(e.get("eval_wall_s", 0) for e in evaluations), 3),
                "final_loss": history[-1]["loss"] if history else None,
                "peak_mem_mb": rt.peak_memory_mb(),
+               "features": None if features is None else features.folder.name,
                # unix seconds: the MLflow run's start and end (omniad/tracking.py)
                "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
     write_json_atomic(run_dir / "train.json", summary)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,6 +20,19 @@ class ADMethod(nn.Module):
 
     #: Keys of the hyper-parameter block this method reads from params (for validation).
     name: str = "method"
+
+    #: Attribute name of the frozen backbone whose output depends on the image alone (no
+    #: augmentation, no second call), so the engine may compute it once for the whole
+    #: training set and feed it back (omniad/engine/features.py). None: not cacheable
+    #: (DeSTSeg's teacher also sees augmented images).
+    cached_backbone: ClassVar[str | None] = None
+
+    @classmethod
+    def backbone_spec(cls, model: dict[str, Any]) -> dict[str, Any] | None:
+        """How to build the cached backbone alone from the run's model config:
+        ``{"class": "module:Class", "kwargs": {...}}`` (None when not cacheable). The engine
+        checks the built backbone's state against the run's, so a mismatch cannot pass."""
+        return None
 
     def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Return at least ``{"loss": scalar}``; extra entries are logged as per-step terms."""

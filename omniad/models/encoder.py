@@ -7,7 +7,10 @@ or ``False`` (random init, which only the demo protocol uses and its report stat
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -89,6 +92,8 @@ class FrozenBackbone(nn.Module):
 
     body: nn.Module
     pretrained: str
+    #: Features handed in by the engine (the feature cache): the next forward returns them.
+    _fed: list[torch.Tensor] | None = None
 
     def _load(self, arch: str, pretrained: str | bool | None, **timm_kwargs: object) -> None:
         """Build ``body`` from timm with locally resolved weights (or random), frozen."""
@@ -111,11 +116,62 @@ class FrozenBackbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self._fed is not None:
+            return self._take_fed(x)
         return [f.detach() for f in self._features(x)]
+
+    @contextmanager
+    def feed(self, features: list[torch.Tensor]) -> Iterator[None]:
+        """Inside the block, the next forward returns ``features`` (this backbone's own
+        output, computed earlier) instead of recomputing them: the method's math is untouched.
+        A second forward in the block is an error, so a method that runs its backbone on other
+        inputs (DeSTSeg's augmented images) cannot silently get the cached ones."""
+        self._fed = list(features)
+        try:
+            yield
+        finally:
+            self._fed = None
+
+    def _take_fed(self, x: torch.Tensor) -> list[torch.Tensor]:
+        fed = self._fed
+        assert fed is not None
+        if not fed:
+            raise RuntimeError(f"{type(self).__name__}: called twice in one fed step; this "
+                               "method's backbone input is not cacheable (set cached_backbone "
+                               "= None on the method)")
+        if fed[0].shape[0] != x.shape[0]:
+            raise RuntimeError(f"{type(self).__name__}: fed features for {fed[0].shape[0]} "
+                               f"images, called on {x.shape[0]}")
+        self._fed = []
+        return fed
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes, bytes): two backbones with equal
+    fingerprints compute the same features. Keys a feature cache to the exact encoder state
+    (weights tag or random init, and calibrated BatchNorm statistics)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def build_backbone(spec: dict[str, object]) -> FrozenBackbone:
+    """A frozen backbone from ``{"class": "module:Class", "kwargs": {...}}`` (a method's
+    :meth:`~omniad.models.base.ADMethod.backbone_spec`)."""
+    import importlib
+
+    module, _, attr = str(spec["class"]).partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    kwargs = dict(spec.get("kwargs") or {})  # type: ignore[call-overload]
+    return cls(**kwargs)
 
 
 @torch.no_grad()
-def calibrate_random_backbones(model: nn.Module, images: torch.Tensor) -> int:
+def calibrate_random_backbones(model: nn.Module, images: torch.Tensor,
+                               skip: tuple[nn.Module, ...] = ()) -> int:
     """Set the BatchNorm running statistics of every random :class:`FrozenBackbone` in
     ``model`` to the mean and variance of its input over ``images``; returns the number of
     backbones calibrated.
@@ -125,9 +181,11 @@ def calibrate_random_backbones(model: nn.Module, images: torch.Tensor) -> int:
     equals the train-mode one on these images. (Averaging per-batch statistics instead is not
     equivalent: a batch of one category hides the variance between categories, and the error
     compounds with depth: features 100x too large on the demo set.) Only random backbones are
-    touched: pretrained statistics are part of the weights.
+    touched: pretrained statistics are part of the weights. ``skip``: backbones whose state
+    comes from elsewhere (a feature cache's calibrated copy).
     """
-    targets = [m for m in model.modules() if isinstance(m, FrozenBackbone) and m.pretrained == "random"]
+    targets = [m for m in model.modules() if isinstance(m, FrozenBackbone)
+               and m.pretrained == "random" and not any(m is k for k in skip)]
     norms = [n for m in targets for n in m.body.modules() if isinstance(n, nn.modules.batchnorm._BatchNorm)]
     momenta = [n.momentum for n in norms]
     for n in norms:
@@ -157,10 +215,18 @@ class FrozenEncoder(FrozenBackbone):
     def __init__(
         self,
         arch: str,
-        out_indices: tuple[int, ...] = (1, 2, 3),
+        out_indices: tuple[int, ...] | list[int] = (1, 2, 3),
         pretrained: str | bool | None = True,
     ) -> None:
         super().__init__()
-        self._load(arch, pretrained, features_only=True, out_indices=out_indices)
+        self._load(arch, pretrained, features_only=True, out_indices=tuple(out_indices))
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
+
+    @staticmethod
+    def spec(arch: str, out_indices: tuple[int, ...] | list[int],
+             pretrained: str | bool | None) -> dict[str, object]:
+        """The constructor call as data (a method's ``backbone_spec``)."""
+        return {"class": f"{__name__}:FrozenEncoder",
+                "kwargs": {"arch": arch, "out_indices": list(out_indices),
+                           "pretrained": pretrained}}

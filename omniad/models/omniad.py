@@ -351,6 +351,12 @@ class OmniAD(ADMethod):
 
     name = "omniad"
     config_class = OmniADConfig
+    cached_backbone = "encoder"  # sees clean images only, once per step
+
+    @classmethod
+    def backbone_spec(cls, model: dict) -> dict:
+        cfg = OmniADConfig.model_validate(model)
+        return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
 
     def __init__(self, cfg: OmniADConfig | None = None, **overrides: object) -> None:
         super().__init__()

@@ -3,8 +3,8 @@
 import os
 
 from omniad.codehash import evaluate_code
-from omniad.grid import (REPO, cache_dir, config_hash, data_root, enumerate_runs, resolve_run,
-                         results_root, run_dir)
+from omniad.grid import (REPO, cache_dir, config_hash, data_root, enumerate_runs, feature_key,
+                         features_dir, features_root, resolve_run, results_root, run_dir)
 
 RUNS = enumerate_runs(PARAMS, PROTOCOL)
 SIZE = PROTO.image_size
@@ -49,6 +49,25 @@ def run_config(wc):
     """Hash of the run's resolved config, which includes the code training runs
     (omniad/codehash.py): as a rule param, any change to either reruns the job."""
     return config_hash(resolve_run(PARAMS, RUN_BY_KEY[run_key(wc)]))
+
+
+# Feature caches: one per feature key (dataset, size, encoder and its state, precision),
+# shared by every run with that key; each names one run that has it (to build it).
+FEATURE_OF = {}   # run key -> features.json of its cache (absent: the run reads images)
+FEATURE_RUN = {}  # feature folder name -> a run key with that feature key
+for _key, _run in RUN_BY_KEY.items():
+    _fk = feature_key(resolve_run(PARAMS, _run))
+    if _fk is not None:
+        _dir = features_dir(_fk)
+        FEATURE_OF[_key] = rel(_dir / "features.json")
+        FEATURE_RUN.setdefault(_dir.name, _key)
+
+
+def run_inputs(wc):
+    """What a training job reads: the resized images, and its feature cache if any."""
+    key = run_key(wc)
+    out = [rel(cache_dir(wc.dataset, SIZE) / CACHE_KEY)]
+    return out + ([FEATURE_OF[key]] if key in FEATURE_OF else [])
 
 
 def eval_code(wc):

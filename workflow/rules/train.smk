@@ -6,9 +6,30 @@
 # exactly the runs it affects (with `dvc repro` too).
 
 
+rule features:
+    """The frozen encoder's features of a whole training set, once per feature key."""
+    input:
+        lambda wc: rel(cache_dir(RUN_BY_KEY[FEATURE_RUN[wc.name]].dataset, SIZE) / CACHE_KEY),
+    output:
+        rel(features_root() / "{name}" / "features.json"),
+    params:
+        run=lambda wc: FEATURE_RUN[wc.name],
+    threads: res("train", "cpus")
+    resources:
+        gpu=res("train", "gpu"),
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        cpus_per_task=res("train", "cpus"),
+    log:
+        rel(features_root() / "{name}.log"),
+    shell:
+        "OMP_NUM_THREADS={threads} omniad features {params.run} > {log} 2>&1"
+        " || (tail -n 40 {log}; exit 1)"
+
+
 rule train:
     input:
-        rel(cache_dir("{dataset}", SIZE) / CACHE_KEY),
+        run_inputs,
     output:
         run_file("model.pt"),
     params:

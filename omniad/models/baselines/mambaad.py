@@ -714,6 +714,12 @@ class MambaAD(ADMethod):
 
     name = "mambaad"
     config_class = MambaADConfig
+    cached_backbone = "encoder"  # sees clean images only, once per step
+
+    @classmethod
+    def backbone_spec(cls, model: dict) -> dict:
+        cfg = MambaADConfig.model_validate(model)
+        return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
 
     def __init__(self, cfg: MambaADConfig | None = None, **overrides: object) -> None:
         super().__init__()

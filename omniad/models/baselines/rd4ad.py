@@ -186,6 +186,12 @@ class RD4AD(ADMethod):
 
     name = "rd4ad"
     config_class = RD4ADConfig
+    cached_backbone = "teacher"  # sees clean images only, once per step
+
+    @classmethod
+    def backbone_spec(cls, model: dict) -> dict:
+        cfg = RD4ADConfig.model_validate(model)
+        return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
 
     def __init__(self, cfg: RD4ADConfig | None = None, **overrides: object) -> None:
         super().__init__()

@@ -237,6 +237,12 @@ class RLR(ADMethod):
 
     name = "rlr"
     config_class = RLRConfig
+    cached_backbone = "encoder"  # sees clean images only, once per step
+
+    @classmethod
+    def backbone_spec(cls, model: dict) -> dict:
+        cfg = RLRConfig.model_validate(model)
+        return FrozenEncoder.spec(cfg.backbone, cfg.out_indices, cfg.pretrained)
 
     def __init__(self, cfg: RLRConfig | None = None, **overrides: object) -> None:
         super().__init__()

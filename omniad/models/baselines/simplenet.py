@@ -105,6 +105,14 @@ class SimpleNet(ADMethod):
 
     name = "simplenet"
     config_class = SimpleNetConfig
+    cached_backbone = "encoder"  # sees clean images only, once per step
+
+    @classmethod
+    def backbone_spec(cls, model: dict) -> dict:
+        cfg = SimpleNetConfig.model_validate(model)
+        return {"class": f"{__name__}:FrozenTrunk", "kwargs": {
+            "arch": cfg.backbone, "indices": list(cfg.layers), "pretrained": cfg.pretrained,
+            "hold_full": cfg.hold_full_backbone}}
 
     def __init__(self, cfg: SimpleNetConfig | None = None, **overrides: object) -> None:
         super().__init__()

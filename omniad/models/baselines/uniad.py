@@ -230,6 +230,12 @@ class UniAD(ADMethod):
 
     name = "uniad"
     config_class = UniADConfig
+    cached_backbone = "encoder"  # sees clean images only, once per step
+
+    @classmethod
+    def backbone_spec(cls, model: dict) -> dict:
+        cfg = UniADConfig.model_validate(model)
+        return FrozenEncoder.spec(cfg.backbone, cfg.stages, cfg.pretrained)
 
     def __init__(self, cfg: UniADConfig | None = None, **overrides: object) -> None:
         super().__init__()
