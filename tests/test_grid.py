@@ -125,3 +125,14 @@ def test_bad_params_name_file_and_field(tmp_path: Path) -> None:
     (tmp_path / "protocols.yaml").write_text(yaml.safe_dump(protos))
     with pytest.raises(ParamsError, match="mnist"):
         Params(tmp_path)
+
+
+def test_every_protocol_shares_table1_seeds_with_the_ablations() -> None:
+    """Table I's seeds inside the ablation seeds (the default is then trained once per seed);
+    the demo runs at least two ablation seeds so its report has intervals."""
+    params = load_params()
+    for name, proto in params.protocols.items():
+        assert set(proto.seeds_for("methods")) <= set(proto.seeds_for("ablation")), name
+    assert len(params.protocol("demo").seeds_for("ablation")) >= 2
+    assert len(params.protocol("paper").seeds_for("ablation")) == 3
+    assert len(params.protocol("released").seeds_for("ablation")) == 3
