@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from omniad.report.aggregate import MEAN, Collection, RunResult, axis_rows, axis_tables
 from omniad.report.latex import write_atomic
 from omniad.report.stats import LEVEL, row_stats, t_interval
-from omniad.report.tables import dataset_name
+from omniad.report.tables import dataset_name, roman
 
 RC = {"svg.hashsalt": "omniad-report", "font.size": 8, "axes.titlesize": 9,
       "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
@@ -247,7 +247,7 @@ def forest(col: Collection) -> Figure | None:
         ax.set_yticks(y, [s.row for s in rows])
         ax.set_ylim(-0.7, len(rows) - 0.3)
         spec = params.grid.tables[t]
-        name = t.replace("table", "Table ")
+        name = f"Table {roman(params, t)}"
         ax.set_title(f"{name}{' (ours)' if spec.source == 'ours' else ''}: {spec.axis or ''}",
                      fontsize=8)
         ax.set_xlabel("mAD difference to the default (points)", fontsize=7)
