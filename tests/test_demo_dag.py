@@ -21,13 +21,12 @@ BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
 
-# Mean image AU-ROC over the 4 categories after the demo budget (4 epochs, random encoder with
-# BatchNorm statistics from the training images, 64 px; chance is 0.5, each category has 8
-# normal and 8 defective test images). Observed on 2 cores (identical in two separate runs):
-# Omni-AD variants 0.68-0.79, mean 0.74 (pixel 0.84-0.92), RD4AD 0.82, UniAD 0.69, RLR 0.71.
-# MambaAD, SimpleNet and DeSTSeg need more steps than 4 epochs give them (0.47 / 0.44 / 0.54
-# here): tests/test_baselines_ii.py trains them longer.
-BEATS_CHANCE = {"rd4ad": 0.7, "uniad": 0.6, "rlr": 0.6}
+# Mean image AU-ROC over the 4 categories after the demo budget (random encoder with BatchNorm
+# statistics from the training images, 64 px; chance is 0.5, each category has 8 normal and 8
+# defective test images), averaged over a variant's seeds. Every method of Table I beats chance
+# through the engine with its demo epochs from params/protocols.yaml (MambaAD 5, SimpleNet 10,
+# DeSTSeg 10 at batch 8; the others 4): observed 0.60 (SimpleNet) to 0.82 (RD4AD).
+BEATS_CHANCE = 0.55
 #: The experiment: Table IV's 100-token row retrained with 81 tokens (a perfect square).
 EXPERIMENT = "params/grid.yaml:tables.table4.rows.100.tokens=81"
 
@@ -88,16 +87,19 @@ def test_demo_dag_through_dvc_in_a_clean_checkout(tmp_path: Path) -> None:
         assert (reports / "report.pdf").stat().st_size > 10_000
     params = load_params(repo / "params")
     runs = enumerate_runs(params, "demo")
-    image = {}
+    image: dict[tuple[str, str], list[float]] = {}
     for run in runs:
         metrics = json.loads((run.dir(results) / "metrics.json").read_text())
         assert 0.0 <= metrics["mean"]["mad"] <= 1.0
         assert metrics["meta"]["encoder_weights"] == "random"
-        image[run.method, run.variant] = metrics["mean"]["image_auroc"]
-    omni = [v for (m, _), v in image.items() if m == "omniad"]
-    assert len(omni) == 15 and min(omni) > 0.62 and np.mean(omni) > 0.68, image
-    for method, floor in BEATS_CHANCE.items():
-        assert image[method, "default"] > floor, (method, image[method, "default"])
+        image.setdefault((run.method, run.variant), []).append(metrics["mean"]["image_auroc"])
+    mean = {k: float(np.mean(v)) for k, v in image.items()}
+    table1 = {m for m in params.grid.tables["table1"].methods if (m, "default") in mean}
+    assert len(table1) == 7, sorted(table1)  # DiAD is cited, not run
+    for method in table1:
+        assert mean[method, "default"] > BEATS_CHANCE, (method, mean[method, "default"])
+    omni = [v for (m, _), v in mean.items() if m == "omniad"]
+    assert len(omni) == 17 and min(omni) > BEATS_CHANCE and np.mean(omni) > 0.65, mean
     summary = json.loads((repo / "summary" / "metrics.json").read_text())
     assert summary == json.loads((results / "demo" / "summary.json").read_text())
 
