@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omniad.report.aggregate import Collection
 from omniad.report.latex import DASH, TeX, escape, render, signed
-from omniad.report.stats import CLAIMS_DATASET, LEVEL, all_claims, claim_counts
+from omniad.report.stats import LEVEL, all_claims, claim_counts, comparable_to_paper
 from omniad.report.tables import dataset_name, roman
 
 VERDICT_NAMES = {"reproduced": "reproduced", "not reproduced": r"\textbf{not reproduced}",
@@ -29,7 +29,7 @@ def claims_context(col: Collection) -> dict:
                      "paper": signed(c.paper_diff, 1) if c.paper_diff is not None else DASH,
                      "ours": ours, "interval": interval,
                      "verdict": TeX(VERDICT_NAMES[c.verdict]), "reason": escape(c.reason)})
-    comparable = proto.ablation_dataset == CLAIMS_DATASET
+    comparable = comparable_to_paper(params, col.protocol)
     demo_note = ("" if comparable or proto.pretrained else
                  "a random encoder, minutes of training on a CPU")
     return {"level": round(100 * LEVEL), "claims": rows, "counts": claim_counts(claims),

@@ -28,11 +28,10 @@ from typing import Any, Literal
 
 from scipy import stats as sps
 
+from omniad.grid import Params
 from omniad.report.aggregate import MEAN, Collection, paper_row
 
 LEVEL = 0.95
-#: The dataset the paper's ablations were run on; other data cannot decide its claims.
-CLAIMS_DATASET = "mvtec_ad"
 Verdict = Literal["reproduced", "not reproduced", "undecided"]
 VERDICTS: tuple[Verdict, ...] = ("reproduced", "not reproduced", "undecided")
 
@@ -157,9 +156,14 @@ class Claim:
         return f"{self.row} {'above' if (self.paper_diff or 0) > 0 else 'below'} {self.ref}"
 
 
-def _reason(comparable: bool, iv: Interval | None, dataset: str) -> str:
+def comparable_to_paper(params: Params, protocol: str) -> bool:
+    """Only runs on the paper's ablation dataset (params/paper.yaml) can test its claims."""
+    return params.protocol(protocol).ablation_dataset == params.paper["ablation_dataset"]
+
+
+def _reason(comparable: bool, iv: Interval | None, dataset: str, paper_dataset: str) -> str:
     if not comparable:
-        return f"ablation data is {dataset}, the paper's is {CLAIMS_DATASET}"
+        return f"ablation data is {dataset}, the paper's is {paper_dataset}"
     if iv is None or iv.n < 2:
         return f"{0 if iv is None else iv.n} paired seed(s): no interval"
     return "interval excludes 0" if iv.decided else "interval contains 0"
@@ -177,8 +181,8 @@ def table_claims(col: Collection, table: str, metric: str = "mad") -> list[Claim
     excluded = set(proto.exclude_rows.get(table, []))
     rows = [r for r in spec.rows if r not in excluded]
     paper = {r: paper_mad(paper_row(params, table, r)) for r in rows}
-    comparable = proto.ablation_dataset == CLAIMS_DATASET
-    ds = proto.ablation_dataset
+    comparable = comparable_to_paper(params, col.protocol)
+    ds, paper_ds = proto.ablation_dataset, params.paper["ablation_dataset"]
     out = []
     known = {r: v for r, v in paper.items() if v is not None}
     ours_mean = {r: st.mean for r in rows
@@ -192,7 +196,7 @@ def table_claims(col: Collection, table: str, metric: str = "mad") -> list[Claim
             ivs = {r: paired_interval(col, table, best, r, metric) for r in rows if r != best}
             worst = min(ivs.values(), key=lambda iv: iv.n, default=None)
             v = best_verdict(ivs, comparable)
-            reason = _reason(comparable, worst, ds)
+            reason = _reason(comparable, worst, ds, paper_ds)
             if comparable and v == "undecided" and worst is not None and worst.n >= 2:
                 reason = "some interval contains 0"
             out.append(Claim(table, "best", best, "others", None, None, ours_best, v, reason))
@@ -204,7 +208,7 @@ def table_claims(col: Collection, table: str, metric: str = "mad") -> list[Claim
             continue
         iv = paired_interval(col, table, r, ref, metric)
         out.append(Claim(table, "sign", r, ref, pd, iv, None, sign_verdict(pd, iv, comparable),
-                         _reason(comparable, iv, ds)))
+                         _reason(comparable, iv, ds, paper_ds)))
     return out
 
 
