@@ -165,6 +165,8 @@ class Table(_Strict):
 
 
 class Grid(_Strict):
+    #: The method whose variants the ablation tables (kind: ablation) train
+    ablation_method: str
     table_order: list[str]
     tables: dict[str, Table]
 
@@ -239,6 +241,10 @@ class Params:
                 if known is None or any(r not in known.rows for r in rows):
                     raise ParamsError(f"protocols.yaml: {pname}.exclude_rows.{table}: unknown "
                                       f"table or row {rows}")
+        ablation = self.grid.ablation_method
+        if ablation not in self.methods or self.methods[ablation].status != "implemented":
+            raise ParamsError(f"{self.root / 'grid.yaml'}: ablation_method: {ablation!r} is not "
+                              f"an implemented method (implemented: {self.implemented()})")
         for t in self.grid.table_order:
             if t not in self.grid.tables:
                 raise ParamsError(f"grid.yaml: table_order names unknown table {t!r}")
@@ -340,7 +346,7 @@ def enumerate_runs(params: Params, protocol: str) -> list[Run]:
                     add(ds, m, {}, table.kind)
         else:
             for overrides in table_rows(params, protocol, tname).values():
-                add(proto.ablation_dataset, "omniad", overrides, table.kind)
+                add(proto.ablation_dataset, params.grid.ablation_method, overrides, table.kind)
     return list(runs.values())
 
 
@@ -507,8 +513,8 @@ def tables_of(params: Params, run: Run) -> list[tuple[str, str]]:
         if table.kind == "methods":
             if run.variant == "default":
                 out.append((tname, run.method))
-        elif run.method == "omniad" and run.dataset == proto.ablation_dataset:
+        elif run.method == params.grid.ablation_method and run.dataset == proto.ablation_dataset:
             for row, overrides in table_rows(params, run.protocol, tname).items():
-                if variant_id(_strip_defaults(params, "omniad", overrides)) == run.variant:
+                if variant_id(_strip_defaults(params, run.method, overrides)) == run.variant:
                     out.append((tname, row))
     return out
