@@ -43,7 +43,8 @@ def expected_runs(protocol: str) -> int:
             variants.add(tuple(sorted((k, str(v)) for k, v in diff.items())))
     runs = {(ds, m, (), s) for ds in proto["datasets"] for m in implemented
             for s in seeds.get("methods", [42])}
-    runs |= {(proto["ablation_dataset"], "omniad", v, s) for v in variants
+    ablation = yaml.safe_load((REPO / "params/grid.yaml").read_text())["ablation_method"]
+    runs |= {(proto["ablation_dataset"], ablation, v, s) for v in variants
              for s in seeds.get("ablation", [42])}  # the default () is shared with Table I
     return len(runs)
 
@@ -98,6 +99,36 @@ def test_a_plain_seed_list_means_every_table(tmp_path: Path) -> None:
     protos["protocols"]["demo"]["seeds"] = {"methods": [], "ablation": [1]}
     (tmp_path / "protocols.yaml").write_text(yaml.safe_dump(protos))
     with pytest.raises(ParamsError, match=r"protocols.yaml: demo(.|\n)*seeds.methods"):
+        Params(tmp_path)
+
+
+def test_the_ablation_method_is_read_from_grid_yaml(tmp_path: Path) -> None:
+    """Ablate a copy of Omni-AD under another name: the ablation runs, their tables and the
+    report's default costs follow grid.yaml's ablation_method, not a name in the code."""
+    from omniad.complexity import cost_tables
+    from omniad.report.tables import default_paper_costs
+
+    shutil.copytree(REPO / "params", tmp_path, dirs_exist_ok=True)
+    shutil.copy(tmp_path / "methods/omniad.yaml", tmp_path / "methods/omni2.yaml")
+    grid = yaml.safe_load((tmp_path / "grid.yaml").read_text())
+    grid["ablation_method"] = "omni2"
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    params, real = Params(tmp_path), load_params()
+    ours = enumerate_runs(params, "paper")
+    assert {r.variant for r in ours if r.method == "omniad"} == {"default"}  # Table I only
+    ablation = {(r.variant, r.seed) for r in ours if r.method == "omni2" and r.variant != "default"}
+    assert ablation == {(r.variant, r.seed) for r in enumerate_runs(real, "paper")
+                        if r.method == "omniad" and r.variant != "default"}
+    assert len(ablation) == 18 * 3  # 19 variants (default apart) x 3 seeds
+    default = next(r for r in ours if r.method == "omni2" and r.variant == "default"
+                   and r.dataset == "mvtec_ad" and r.seed == 42)
+    assert dict(tables_of(params, default))["table4"] == "64"
+    assert default_paper_costs(params, "paper") == {"params_m": 29.9, "flops_g": 11.2, "mad": 86.4}
+    assert cost_tables(params) == ["table4", "table6", "table7"]
+
+    grid["ablation_method"] = "diad"  # cited, not implemented: nothing to ablate
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    with pytest.raises(ParamsError, match=r"grid.yaml: ablation_method: 'diad'"):
         Params(tmp_path)
 
 
