@@ -6,12 +6,18 @@
 # exactly the runs it affects (with `dvc repro` too).
 
 
+def dataset_cache(wc):
+    """The resized cache a feature job reads (rules.cache.output for its run's dataset)."""
+    dataset = RUN_BY_KEY[FEATURE_RUN[wc.name]].dataset
+    return expand(rules.cache.output[0], dataset=dataset)
+
+
 rule features:
     """The frozen encoder's features of a whole training set, once per feature key."""
     input:
-        lambda wc: rel(cache_dir(RUN_BY_KEY[FEATURE_RUN[wc.name]].dataset, SIZE) / CACHE_KEY),
+        dataset_cache,
     output:
-        rel(features_root() / "{name}" / "features.json"),
+        rel(features_file("{name}")),
     params:
         run=lambda wc: FEATURE_RUN[wc.name],
     threads: res("train", "cpus")
@@ -21,17 +27,25 @@ rule features:
         runtime=res("train", "runtime"),
         cpus_per_task=res("train", "cpus"),
     log:
-        rel(features_root() / "{name}.log"),
+        rel(features_file("{name}").parent.with_suffix(".log")),
     shell:
         "OMP_NUM_THREADS={threads} omniad features {params.run} > {log} 2>&1"
         " || (tail -n 40 {log}; exit 1)"
+
+
+def run_inputs(wc):
+    """What a training job reads: the resized images (rules.cache.output), and its feature
+    cache (rules.features.output) if any."""
+    out = expand(rules.cache.output[0], dataset=wc.dataset)
+    name = FEATURE_OF.get(run_key(wc))
+    return out + (expand(rules.features.output[0], name=name) if name else [])
 
 
 rule train:
     input:
         run_inputs,
     output:
-        run_file("model.pt"),
+        run_file(MODEL_FILE),
     params:
         key=run_key,
         config=run_config,
@@ -51,9 +65,9 @@ rule train:
 
 rule evaluate:
     input:
-        run_file("model.pt"),
+        rules.train.output,
     output:
-        run_file("metrics.json"),
+        run_file(METRICS_FILE),
     params:
         key=run_key,
         config=run_config,
@@ -75,4 +89,4 @@ rule metrics:
     `--until evaluate`, it regenerates a missing metrics.json even when the report exists)."""
     localrule: True
     input:
-        all_metrics(),
+        run_files(rules.evaluate.output[0]),
