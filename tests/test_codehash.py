@@ -110,3 +110,20 @@ def test_a_grid_edit_changes_no_code_hash(package_copy: Path) -> None:
     _clear()
     assert {b: (codehash.train_code(b), codehash.evaluate_code(b))
             for b in (RD4AD, MAMBAAD)} == before
+
+
+def test_the_complexity_cache_key_follows_code_not_comments(package_copy: Path) -> None:
+    """report/costs.py keys its params/FLOPs cache with this module's hash, not its own."""
+    from omniad.grid import load_params
+    from omniad.report.costs import cache_key
+
+    params = load_params()
+    before = cache_key(params)
+    model = package_copy / "models/omniad.py"
+    text = model.read_text()
+    model.write_text(text + "\n# a comment edit\n")
+    _clear()
+    assert cache_key(params) == before
+    model.write_text(text + "\nEDITED = 1\n")
+    _clear()
+    assert cache_key(params) != before
