@@ -132,8 +132,9 @@ def test_the_ablation_method_is_read_from_grid_yaml(tmp_path: Path) -> None:
         Params(tmp_path)
 
 
-def test_snakemake_dry_run_lists_the_whole_paper_grid() -> None:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+def test_snakemake_dry_run_lists_the_whole_paper_grid(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "OMNIAD_REPORTS": str(tmp_path / "reports")}
     out = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--config",
                           "protocol=paper"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
@@ -142,6 +143,10 @@ def test_snakemake_dry_run_lists_the_whole_paper_grid() -> None:
     n = expected_runs("paper")
     assert int(counts["train"]) == n and int(counts["evaluate"]) == n
     assert int(counts["fetch"]) == 3 and int(counts["cache"]) == 3 and int(counts["report"]) == 1
+    # the report's folder is omniad.grid's, $OMNIAD_REPORTS honoured as `omniad report` does
+    report = re.search(r"^rule report:\n(?:.*\n)*?\s+output: (.*)$", out.stdout, flags=re.M)
+    tex = [Path(REPO, p).resolve() for p in report.group(1).split(", ") if p.endswith(".tex")]
+    assert len(tex) == 9 and all(p.is_relative_to(tmp_path / "reports" / "paper") for p in tex)
 
 
 def test_bad_params_name_file_and_field(tmp_path: Path) -> None:
