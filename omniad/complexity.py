@@ -1,9 +1,9 @@
 """Parameters and FLOPs of every variant, beside the paper's numbers.
 
 Convention (the released code's): fvcore's FlopCountAnalysis, one multiply-add = one FLOP,
-encoder included, one 1x3x256x256 image, model in eval mode. Parameters: every registered
-parameter (the frozen, truncated encoder included); the released resampled FFNs are not
-registered and so not counted, as in the paper's 29.9M.
+encoder included, one image at the paper's size (params/paper.yaml ``setup``), model in eval
+mode. Parameters: every registered parameter (the frozen, truncated encoder included); the
+released resampled FFNs are not registered and so not counted, as in the paper's count.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def complexity_rows(params: Params, method: str | None = None, flops: bool = Tru
     for table, meth, row, overrides, paper in targets:
         model = build(params, meth, overrides)
         p = count_params(model) / 1e6
-        f = count_flops(model) / 1e9 if flops else None
+        f = count_flops(model, params.paper["setup"]["image_size"]) / 1e9 if flops else None
         entry: dict[str, Any] = {"table": table, "method": meth, "row": row,
                                  "params_m": round(p, 3), "flops_g": None if f is None else round(f, 3)}
         if paper:

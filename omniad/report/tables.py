@@ -409,7 +409,8 @@ def table_ablation(col: Collection, table: str,
         extra.append(TeX(f"Ours on {escape(dataset_name(ds))}; the paper's ablations are on "
                          f"{escape(dataset_name(paper_ds))}."))
     if with_costs:
-        extra.append(TeX(r"Params/FLOPs: ours counted with fvcore at 256$\times$256 (one "
+        size = col.params.paper["setup"]["image_size"]
+        extra.append(TeX(rf"Params/FLOPs: ours counted with fvcore at {size}$\times${size} (one "
                          r"multiply-add = one FLOP, encoder included); brackets: relative "
                          r"difference to the paper. Ranking marks the mAD column only."))
     if excluded:
@@ -491,7 +492,7 @@ def complexity_context(params, protocol: str, rows: list[dict], problem: str | N
         table, row = r["table"], str(r["row"])
         if table == "default":
             paper = default_paper
-            name = TeX(r"Omni-AD (default)")
+            name = TeX(escape(params.methods[params.grid.ablation_method].label) + " (default)")
             tname = TeX("--")
         else:
             paper = paper_row(params, table, row) or {}
@@ -510,7 +511,11 @@ def complexity_context(params, protocol: str, rows: list[dict], problem: str | N
                     "params_diff": rel(pm, ppm),
                     "flops": escape(num(fg, 1) or "--"), "paper_flops": escape(num(pfg, 1) or "--"),
                     "flops_diff": rel(fg, pfg)})
-    return {"rows": out, "problem": problem}
+    from omniad.complexity import cost_tables
+
+    return {"rows": out, "problem": problem, "image_size": params.paper["setup"]["image_size"],
+            "paper_default_params": escape(num(default_paper.get("params_m"), 1) or "--"),
+            "tables": ", ".join(roman(params, t) for t in cost_tables(params))}
 
 
 def render_complexity(params, protocol: str, rows: list[dict], problem: str | None) -> str:
