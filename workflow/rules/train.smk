@@ -3,7 +3,8 @@
 # profile's `retries`) or a Slurm requeue resumes from the checkpoint (omniad/engine/train.py).
 # The `config` / `code` params are hashes of the resolved run config and of the code each job
 # runs: Snakemake reruns a job whose params changed, so editing params/ or a model file reruns
-# exactly the runs it affects (with `dvc repro` too).
+# exactly the runs it affects (with `dvc repro` too); a comment or docstring edit, or an edit
+# of omniad/grid.py that leaves the resolved configs alone, reruns nothing (omniad/codehash.py).
 
 
 def dataset_cache(wc):
