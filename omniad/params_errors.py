@@ -1,0 +1,88 @@
+"""One-line messages for bad params: the file, the key path and the nearest valid key.
+
+A typo in a params file must stop ``omniad grid check`` with a line a person can act on, not
+a pydantic report; every params file goes through :func:`explain`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+def shown(path: Path) -> str:
+    """The path as a person typed it: relative to the working folder when inside it."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:  # another drive
+        return str(path)
+
+
+def _flat(annotation: Any) -> list[Any]:
+    """An annotation with its unions (``X | None``) spread out."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [x for a in typing.get_args(annotation) for x in _flat(a)]
+    return [annotation]
+
+
+def valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where ``loc`` (a pydantic error location, last part excluded) points:
+    walk the annotations, a field name into a model, a key into a dict, an index into a list."""
+    anns: list[Any] = [model]
+    for part in loc:
+        nxt: list[Any] = []
+        for a in (x for ann in anns for x in _flat(ann)):
+            origin, args = typing.get_origin(a), typing.get_args(a)
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                field = a.model_fields.get(str(part))
+                if field is not None:
+                    nxt.append(field.annotation)
+            elif origin is dict and len(args) == 2:
+                nxt.append(args[1])
+            elif origin in (list, tuple) and args:
+                nxt.append(args[0])
+        anns = nxt
+    return sorted({k for ann in anns for a in _flat(ann)
+                   if isinstance(a, type) and issubclass(a, BaseModel) for k in a.model_fields})
+
+
+def nearest(key: str, valid: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest valid key, or '' when none is close."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def explain(exc: ValidationError, where: str | Path, model: type[BaseModel] | None = None,
+            prefix: str = "") -> str:
+    """``file: key.path: fault (did you mean 'k'?)`` for the first error of ``exc``; the count
+    of further errors, if any, follows in brackets. ``prefix`` is the key path of the block
+    that ``model`` validated inside the file (e.g. ``protocols.paper``)."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = tuple(err["loc"])
+    path = ".".join(p for p in (prefix, ".".join(str(x) for x in loc)) if p) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        hint = nearest(str(loc[-1]), valid_keys(model, loc[:-1])) if model else ""
+        fault = f"unknown key{hint}"
+    elif err["type"] == "missing":
+        fault = "required key missing"
+    else:
+        fault = f"{err['msg']} (got {err.get('input')!r})"
+    more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
+    where = shown(where) if isinstance(where, Path) else where
+    return f"{where}: {path}: {fault}{more}"
+
+
+def unknown_keys(data: dict[str, Any], valid: list[str], where: str | Path, prefix: str = "") -> None:
+    """Raise ValueError naming the first key of ``data`` not in ``valid`` (plain-dict files)."""
+    for key in data:
+        if key not in valid:
+            where = shown(where) if isinstance(where, Path) else where
+            path = f"{prefix}.{key}" if prefix else str(key)
+            raise ValueError(f"{where}: {path}: unknown key{nearest(str(key), valid)}")
