@@ -52,10 +52,16 @@ def valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
                    if isinstance(a, type) and issubclass(a, BaseModel) for k in a.model_fields})
 
 
+def closest(key: str, valid: list[str]) -> str | None:
+    """The valid key nearest to ``key`` (difflib's ratio >= 0.6), or None."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def nearest(key: str, valid: list[str]) -> str:
     """' (did you mean 'x'?)' for the closest valid key, or '' when none is close."""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(key, valid)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def explain(exc: ValidationError, where: str | Path, model: type[BaseModel] | None = None,
@@ -63,13 +69,18 @@ def explain(exc: ValidationError, where: str | Path, model: type[BaseModel] | No
     """``file: key.path: fault (did you mean 'k'?)`` for the first error of ``exc``; the count
     of further errors, if any, follows in brackets. ``prefix`` is the key path of the block
     that ``model`` validated inside the file (e.g. ``protocols.paper``)."""
-    errors = exc.errors()
+    # a typo shows as an unknown key and, when the key was required, a missing one: the
+    # unknown key (with its nearest valid spelling) is the line a person can act on
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     err = errors[0]
     loc = tuple(err["loc"])
     path = ".".join(p for p in (prefix, ".".join(str(x) for x in loc)) if p) or "(top level)"
     if err["type"] == "extra_forbidden":
-        hint = nearest(str(loc[-1]), valid_keys(model, loc[:-1])) if model else ""
-        fault = f"unknown key{hint}"
+        close = closest(str(loc[-1]), valid_keys(model, loc[:-1])) if model else None
+        fault = "unknown key" + (f" (did you mean {close!r}?)" if close else "")
+        # the required key the typo misspelt is missing too: the same fault, not another one
+        errors = [e for e in errors if not (e["type"] == "missing" and close is not None
+                                            and tuple(e["loc"]) == (*loc[:-1], close))]
     elif err["type"] == "missing":
         fault = "required key missing"
     else:
