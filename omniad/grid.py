@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -194,6 +195,12 @@ def _validate(model: type[BaseModel], data: Any, where: Path, prefix: str = "") 
         raise ParamsError(explain(exc, where, model, prefix)) from None
 
 
+def _unknown(where: Path, path: str, what: str, name: str, known: Iterable[str]) -> ParamsError:
+    """``file: key.path: unknown <what> 'x' (did you mean 'y'?)`` for a name params refer to."""
+    return ParamsError(f"{shown(where)}: {path}: unknown {what} {name!r}"
+                       f"{nearest(str(name), [str(k) for k in known])}")
+
+
 class Params:
     """All of ``params/``, validated."""
 
@@ -213,8 +220,7 @@ class Params:
             parent = merged.pop("inherit", None)
             if parent is not None:
                 if parent not in raw:
-                    raise ParamsError(f"{self.root / 'protocols.yaml'}: {name}.inherit: "
-                                      f"unknown protocol {parent!r}")
+                    raise _unknown(proto_file, f"protocols.{name}.inherit", "protocol", parent, raw)
                 merged = {**raw[parent], **merged}
             self.protocols[name] = _validate(Protocol, merged, proto_file, f"protocols.{name}")
         files = sorted((self.root / "methods").glob("*.yaml"))
@@ -243,8 +249,7 @@ class Params:
             _validate(cfg_cls, spec.model, where, "model")
             for proto, over in spec.protocol_overrides.items():
                 if proto not in self.protocols:
-                    raise ParamsError(f"{shown(where)}: protocol_overrides.{proto}: unknown protocol"
-                                      f"{nearest(proto, list(self.protocols))}")
+                    raise _unknown(where, "protocol_overrides", "protocol", proto, self.protocols)
                 _validate(cfg_cls, {**spec.model, **over}, where, f"protocol_overrides.{proto}")
         omniad = self.methods.get("omniad")  # the ablation method (its rows' config class)
         cfg_cls = getattr(_import(omniad.builder), "config_class", None) if omniad and omniad.builder \
@@ -255,28 +260,33 @@ class Params:
                           f"tables.{tname}.rows.{row}")
 
     def _check_refs(self) -> None:
+        pfile, gfile = self.root / "protocols.yaml", self.root / "grid.yaml"
+        if self.default_protocol not in self.protocols:
+            raise _unknown(pfile, "default", "protocol", self.default_protocol, self.protocols)
         for pname, proto in self.protocols.items():
+            at = f"protocols.{pname}"
             for ds in proto.datasets:
                 if ds not in self.datasets:
-                    raise ParamsError(f"protocols.yaml: {pname}.datasets: unknown dataset {ds!r}"
-                                      f" (known: {sorted(self.datasets)})")
+                    raise _unknown(pfile, f"{at}.datasets", "dataset", ds, self.datasets)
             for m in proto.methods:
                 if m not in self.methods:
-                    raise ParamsError(f"protocols.yaml: {pname}.methods: unknown method {m!r}"
-                                      f" (known: {sorted(self.methods)})")
+                    raise _unknown(pfile, f"{at}.methods", "method", m, self.methods)
             for table, rows in proto.exclude_rows.items():
                 known = self.grid.tables.get(table)
-                if known is None or any(r not in known.rows for r in rows):
-                    raise ParamsError(f"protocols.yaml: {pname}.exclude_rows.{table}: unknown "
-                                      f"table or row {rows}")
+                if known is None:
+                    raise _unknown(pfile, f"{at}.exclude_rows", "table", table, self.grid.tables)
+                for r in rows:
+                    if r not in known.rows:
+                        raise _unknown(pfile, f"{at}.exclude_rows.{table}", "row", r, known.rows)
         for t in self.grid.table_order:
             if t not in self.grid.tables:
-                raise ParamsError(f"grid.yaml: table_order names unknown table {t!r}")
+                raise _unknown(gfile, "table_order", "table", t, self.grid.tables)
 
     def protocol(self, name: str | None = None) -> Protocol:
         name = name or self.default_protocol
         if name not in self.protocols:
-            raise ParamsError(f"unknown protocol {name!r}; known: {sorted(self.protocols)}")
+            raise ParamsError(f"unknown protocol {name!r}{nearest(name, list(self.protocols))}; "
+                              f"known: {sorted(self.protocols)}")
         return self.protocols[name]
 
     def implemented(self) -> list[str]:

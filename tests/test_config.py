@@ -99,6 +99,31 @@ def test_a_typo_in_an_ablation_row_and_a_bad_value_are_named(tmp_path: Path,
     load_params.cache_clear()
 
 
+@pytest.mark.parametrize("edit, line", [
+    (("protocols.yaml", "      mambaad: {epochs: {demo: 5}}", "      mambaadd: {epochs: {demo: 5}}"),
+     "params/protocols.yaml: protocols.demo.methods: unknown method 'mambaadd' "
+     "(did you mean 'mambaad'?)"),
+    (("methods/rd4ad.yaml", "  demo:\n", "  dmeo:\n"),
+     "params/methods/rd4ad.yaml: protocol_overrides: unknown protocol 'dmeo' "
+     "(did you mean 'demo'?)"),
+    (("grid.yaml", "table_order: [table1,", "table_order: [tabel1,"),
+     "params/grid.yaml: table_order: unknown table 'tabel1' (did you mean 'table1'?)"),
+])
+def test_a_misspelt_reference_is_named_with_the_nearest_name(
+        edit: tuple[str, str, str], line: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    name, good, bad = edit
+    params = tmp_path / "params"
+    shutil.copytree(REPO / "params", params)
+    text = (params / name).read_text()
+    assert text.count(good) == 1, good
+    (params / name).write_text(text.replace(good, bad))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError) as err:
+        load_params(params)
+    assert str(err.value) == line
+
+
 def test_explain_finds_the_nearest_key_in_a_nested_block() -> None:
     block = {"lr": 1e-3, "adaptor": {"lr": 1e-4, "weight_deacy": 0.01}}
     with pytest.raises(ValidationError) as err:
