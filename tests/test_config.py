@@ -309,6 +309,7 @@ def test_every_implemented_method_configures_its_optimizers(monkeypatch: pytest.
 # The command line as a Unix tool.
 # --------------------------------------------------------------------------------------------
 def _actions(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.Action]]:
+    assert parser.format_help().startswith("usage:")  # every help text formats (no stray %)
     out = []
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
