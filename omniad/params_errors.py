@@ -84,10 +84,25 @@ def explain(exc: ValidationError, where: str | Path, model: type[BaseModel] | No
     elif err["type"] == "missing":
         fault = "required key missing"
     else:
-        fault = f"{err['msg']} (got {err.get('input')!r})"
+        # a union (``int | 'auto'``) fails once per member, each at <key>.<member>: one fault
+        members = [e for e in errors if tuple(e["loc"])[:-1] == loc[:-1] and loc
+                   and e.get("input") is err.get("input") and e["type"] != "missing"]
+        if len(members) > 1:
+            loc, errors = loc[:-1], [e for e in errors if e not in members[1:]]
+            path = ".".join(p for p in (prefix, ".".join(str(x) for x in loc)) if p)
+        msgs = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in members or [err])
+        fault = " or ".join(msgs) + _got(err.get("input"))
     more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
     where = shown(where) if isinstance(where, Path) else where
     return f"{where}: {path}: {fault}{more}"
+
+
+def _got(value: Any) -> str:
+    """' (got <value>)', shortened; nothing for a whole block (its keys are in the file)."""
+    if isinstance(value, dict):
+        return ""
+    text = repr(value)
+    return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
 
 
 def unknown_keys(data: dict[str, Any], valid: list[str], where: str | Path, prefix: str = "") -> None:

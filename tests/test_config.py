@@ -135,6 +135,18 @@ def test_explain_finds_the_nearest_key_in_a_nested_block() -> None:
     assert explain(err.value, "x.yaml", OptimConfig) == "x.yaml: zzz: unknown key"
 
 
+def test_a_union_value_fails_once_at_its_key() -> None:
+    from omniad.grid import Protocol
+
+    block = {"datasets": ["demo"], "ablation_dataset": "demo", "image_size": 64,
+             "epochs": {"demo": 2}, "workers": "autox"}
+    with pytest.raises(ValidationError) as err:
+        Protocol.model_validate(block)
+    assert explain(err.value, "p.yaml", Protocol, "protocols.demo") == (
+        "p.yaml: protocols.demo.workers: Input should be a valid integer, unable to parse string "
+        "as an integer or Input should be 'auto' (got 'autox')")
+
+
 @pytest.mark.parametrize("block, fault", [
     ({"lr": 0.0}, "lr"),
     ({"lr": 1e-3, "betas": [0.9, 1.5]}, "betas"),
