@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from omniad.codehash import evaluate_code, train_code
 from omniad.optim_config import OptimConfig
-from omniad.params_errors import explain, nearest, shown, unknown_keys
+from omniad.params_errors import explain, nearest, shown, unknown_key
 from omniad.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,10 +208,8 @@ class Params:
         self.root = Path(root)
         proto_file = self.root / "protocols.yaml"
         proto_raw = _read_yaml(proto_file)
-        try:
-            unknown_keys(proto_raw, ["default", "protocols"], proto_file)
-        except ValueError as exc:
-            raise ParamsError(str(exc)) from None
+        if (bad := unknown_key(proto_raw, ["default", "protocols"], proto_file)) is not None:
+            raise ParamsError(bad)
         self.default_protocol: str = proto_raw.get("default", "demo")
         self.protocols: dict[str, Protocol] = {}
         raw = proto_raw.get("protocols") or {}
@@ -251,12 +249,13 @@ class Params:
                 if proto not in self.protocols:
                     raise _unknown(where, "protocol_overrides", "protocol", proto, self.protocols)
                 _validate(cfg_cls, {**spec.model, **over}, where, f"protocol_overrides.{proto}")
-        omniad = self.methods.get("omniad")  # the ablation method (its rows' config class)
-        cfg_cls = getattr(_import(omniad.builder), "config_class", None) if omniad and omniad.builder \
-            else None
+        ablation = self.methods.get("omniad")  # the ablation method: rows are its overrides
+        if ablation is None or not ablation.builder:
+            return
+        row_cls = getattr(_import(ablation.builder), "config_class", None)
         for tname, table in self.grid.tables.items():
-            for row, over in table.rows.items() if cfg_cls else ():
-                _validate(cfg_cls, {**omniad.model, **over}, self.root / "grid.yaml",
+            for row, over in table.rows.items() if row_cls else ():
+                _validate(row_cls, {**ablation.model, **over}, self.root / "grid.yaml",
                           f"tables.{tname}.rows.{row}")
 
     def _check_refs(self) -> None:

@@ -105,10 +105,12 @@ def _got(value: Any) -> str:
     return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
 
 
-def unknown_keys(data: dict[str, Any], valid: list[str], where: str | Path, prefix: str = "") -> None:
-    """Raise ValueError naming the first key of ``data`` not in ``valid`` (plain-dict files)."""
+def unknown_key(data: dict[str, Any], valid: list[str], where: str | Path,
+                prefix: str = "") -> str | None:
+    """The line for the first key of ``data`` not in ``valid`` (a plain-dict level), or None."""
     for key in data:
         if key not in valid:
             where = shown(where) if isinstance(where, Path) else where
             path = f"{prefix}.{key}" if prefix else str(key)
-            raise ValueError(f"{where}: {path}: unknown key{nearest(str(key), valid)}")
+            return f"{where}: {path}: unknown key{nearest(str(key), valid)}"
+    return None

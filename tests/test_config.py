@@ -106,6 +106,8 @@ def test_a_typo_in_an_ablation_row_and_a_bad_value_are_named(tmp_path: Path,
     (("methods/rd4ad.yaml", "  demo:\n", "  dmeo:\n"),
      "params/methods/rd4ad.yaml: protocol_overrides: unknown protocol 'dmeo' "
      "(did you mean 'demo'?)"),
+    (("protocols.yaml", "\ndefault: demo", "\ndefualt: demo"),
+     "params/protocols.yaml: defualt: unknown key (did you mean 'default'?)"),
     (("grid.yaml", "table_order: [table1,", "table_order: [tabel1,"),
      "params/grid.yaml: table_order: unknown table 'tabel1' (did you mean 'table1'?)"),
 ])
