@@ -77,10 +77,7 @@ def build(method: str, size: int, device: torch.device) -> tuple[Any, dict[str, 
         model_cfg["grid"] = size // 32
     seed_everything(42)
     model = _import(spec.builder)(**model_cfg).to(device)
-    optim = dict(spec.optim)
-    if "lr_batch" in optim:
-        optim["lr"] = optim["lr"] * spec.batch_size / optim["lr_batch"]
-    return model, optim
+    return model, spec.optim.scaled(spec.batch_size).to_dict()
 
 
 def write_feature_cache(model: Any, pool: torch.Tensor, folder: Path, dtype: Any) -> list[np.ndarray]:

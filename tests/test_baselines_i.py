@@ -228,11 +228,11 @@ def test_params_file_builds_the_demo_model(method: str) -> None:
     params = load_params()
     cfg = resolve_run(params, Run(protocol="demo", dataset="demo", method=method,
                                   variant="default", seed=42))
-    model = _import(cfg["builder"])(**cfg["model"]).eval()
-    size = cfg["image_size"]
+    model = _import(cfg.builder)(**cfg.model).eval()
+    size = cfg.image_size
     maps, scores = model.predict(torch.randn(2, 3, size, size))
     assert maps.shape == (2, size, size) and scores.shape == (2,)
-    opts, scheds = model.configure_optimizers(cfg["optim"], 10)
+    opts, scheds = model.configure_optimizers(cfg.optim.to_dict(), 10)
     assert len(opts) == len(scheds) == 1
     assert all(p.requires_grad for g in opts[0].param_groups for p in g["params"])
 

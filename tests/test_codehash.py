@@ -60,8 +60,8 @@ def test_the_run_config_carries_the_training_code_hash() -> None:
 
     cfg = resolve_run(load_params(), Run(protocol="demo", dataset="demo", method="rd4ad",
                                          variant="default", seed=42))
-    assert cfg["code"] == codehash.train_code(RD4AD)
-    assert config_hash(cfg) != config_hash({**cfg, "code": "0" * 16})
+    assert cfg.code == codehash.train_code(RD4AD)
+    assert config_hash(cfg) != config_hash(cfg.model_copy(update={"code": "0" * 16}))
 
 
 def test_comments_docstrings_and_blank_lines_do_not_count_code_does() -> None:

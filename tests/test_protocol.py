@@ -29,9 +29,9 @@ def _tiny_setup(tiny_env):
 
     cfg = resolve_run(load_params(), parse_run_key(KEY))
     rt = Runtime.create("cpu", 0, False, False, config_hash(cfg))
-    cache = cache_dir("demo", cfg["image_size"])
-    return (cfg, rt, CachedDataset(cache, "train", cfg["categories"]),
-            CachedDataset(cache, "test", cfg["categories"]))
+    cache = cache_dir("demo", cfg.image_size)
+    return (cfg, rt, CachedDataset(cache, "train", cfg.categories),
+            CachedDataset(cache, "test", cfg.categories))
 
 
 def test_periodic_evaluation_leaves_the_final_weights_bit_identical(tiny_env, tmp_path) -> None:
@@ -40,7 +40,7 @@ def test_periodic_evaluation_leaves_the_final_weights_bit_identical(tiny_env, tm
     from omniad.engine.train import train
 
     cfg, rt, train_ds, test_ds = _tiny_setup(tiny_env)
-    assert cfg["epochs"] == 3 and cfg["evaluate_every"] == 1
+    assert cfg.epochs == 3 and cfg.evaluate_every == 1
 
     # not vacuous: an evaluation draws random numbers (re-drawn FFNs, the eval jitter)
     probe = build_model(cfg)
@@ -50,7 +50,7 @@ def test_periodic_evaluation_leaves_the_final_weights_bit_identical(tiny_env, tm
 
     out = {}
     for every in (0, 1):
-        c = {**cfg, "evaluate_every": every}
+        c = cfg.model_copy(update={"evaluate_every": every})
         model = build_model(c)
         ev = periodic_evaluator(test_ds, c, rt) if every else None
         d = tmp_path / f"every{every}"
@@ -165,7 +165,7 @@ def test_protocol_schedules(monkeypatch, protocol, dataset, method, epochs, batc
     monkeypatch.delenv("OMNIAD_PARAMS", raising=False)
     load_params.cache_clear()
     cfg = _cfg(protocol, dataset, method)
-    assert (cfg["epochs"], cfg["batch_size"], cfg["evaluate_every"]) == (epochs, batch, every)
+    assert (cfg.epochs, cfg.batch_size, cfg.evaluate_every) == (epochs, batch, every)
 
 
 def test_a_schedule_for_an_unknown_method_is_refused(tmp_path) -> None:
@@ -262,7 +262,7 @@ def test_simplenet_constant_lr_separate_clipping_and_no_decay_on_biases_and_bn(m
 
     monkeypatch.delenv("OMNIAD_PARAMS", raising=False)
     load_params.cache_clear()
-    optim = load_params().methods["simplenet"].optim
+    optim = load_params().methods["simplenet"].optim.to_dict()
     model = SimpleNet(pretrained=False, hold_full_backbone=False)
     opts, _ = model.configure_optimizers(optim, total_steps=10)
     start = [g["lr"] for o in opts for g in o.param_groups]
@@ -296,7 +296,7 @@ def test_destseg_constant_lr_and_student_biases_and_bn_not_decayed(monkeypatch) 
 
     monkeypatch.delenv("OMNIAD_PARAMS", raising=False)
     load_params.cache_clear()
-    optim = load_params().methods["destseg"].optim
+    optim = load_params().methods["destseg"].optim.to_dict()
     model = DeSTSeg(pretrained=False, textures="package")
     opts, _ = model.configure_optimizers(optim, total_steps=10)
     start = [g["lr"] for o in opts for g in o.param_groups]
