@@ -280,9 +280,12 @@ class Params:
                     if r not in known.rows:
                         raise _unknown(pfile, f"{at}.exclude_rows.{table}", "row", r, known.rows)
         ablation = self.grid.ablation_method
-        if ablation not in self.methods or self.methods[ablation].status != "implemented":
-            raise _unknown(gfile, "ablation_method", "implemented method", ablation,
-                           self.implemented())
+        if ablation not in self.methods:
+            raise _unknown(gfile, "ablation_method", "method", ablation, self.methods)
+        if self.methods[ablation].status != "implemented":
+            raise ParamsError(f"{shown(gfile)}: ablation_method: {ablation!r} is "
+                              f"{self.methods[ablation].status}, not implemented (implemented: "
+                              f"{', '.join(self.implemented())})")
         for t in self.grid.table_order:
             if t not in self.grid.tables:
                 raise _unknown(gfile, "table_order", "table", t, self.grid.tables)
