@@ -37,7 +37,8 @@ import torch
 
 from omniad.engine.checkpoint import seed_everything
 from omniad.engine.runtime import Runtime
-from omniad.grid import _import, load_params
+from omniad.grid import load_params
+from omniad.methods import method_class
 from omniad.models.encoder import FrozenBackbone
 
 #: MVTec-AD training images and the released configs' epochs: the projected run.
@@ -70,13 +71,13 @@ def _peak_mib(device: torch.device) -> float:
 def build(method: str, size: int, device: torch.device) -> tuple[Any, dict[str, Any]]:
     spec = load_params().methods[method]
     model_cfg = {**spec.model, "pretrained": False}  # the released model, at `size` px
-    fields = _import(spec.builder).config_class.model_fields
+    fields = method_class(method).config_class.model_fields
     if "image_size" in fields:
         model_cfg["image_size"] = size
     if "grid" in fields:  # MambaAD's scan grid: input size / 32
         model_cfg["grid"] = size // 32
     seed_everything(42)
-    model = _import(spec.builder)(**model_cfg).to(device)
+    model = method_class(method)(**model_cfg).to(device)
     optim = dict(spec.optim)
     if "lr_batch" in optim:
         optim["lr"] = optim["lr"] * spec.batch_size / optim["lr_batch"]

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from omniad.grid import Params, _import, load_params
+from omniad.grid import Params, load_params
+from omniad.methods import method_class
 
 
 def count_params(model: nn.Module) -> int:
@@ -38,7 +39,7 @@ def count_flops(model: nn.Module, size: int = 256) -> int:
 
 def build(params: Params, method: str, overrides: dict[str, Any]) -> nn.Module:
     spec = params.methods[method]
-    return _import(spec.builder)(**{**spec.model, **overrides, "pretrained": False})
+    return method_class(method, params)(**{**spec.model, **overrides, "pretrained": False})
 
 
 def complexity_rows(params: Params, method: str | None = None, flops: bool = True) -> list[dict]:

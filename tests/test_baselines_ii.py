@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from omniad.engine import optim as optim_builders
 from omniad.models.baselines import perlin
 from omniad.models.baselines.destseg import DeSTSeg
 from omniad.models.baselines.mambaad import (
@@ -256,7 +257,7 @@ OPTIM = {
 def test_forward_backward_and_predict(method: str) -> None:
     torch.manual_seed(0)
     model = _builders()[method]().train()
-    optimizers, _ = model.configure_optimizers(OPTIM[method], total_steps=10)
+    optimizers, _ = model.configure_optimizers(OPTIM[method], 10, optim_builders)
     x = torch.randn(2, 3, 64, 64)
     out = model.training_step(x, 0)
     out["loss"].backward()
@@ -277,7 +278,7 @@ def test_forward_backward_and_predict(method: str) -> None:
 def test_destseg_trains_the_student_then_only_the_head() -> None:
     torch.manual_seed(0)
     model = DeSTSeg(pretrained=False, textures="package").train()
-    optimizers, _ = model.configure_optimizers(OPTIM["destseg"], total_steps=10)
+    optimizers, _ = model.configure_optimizers(OPTIM["destseg"], 10, optim_builders)
     assert model.de_st_steps == 2
     x = torch.randn(2, 3, 64, 64)
 
@@ -302,7 +303,8 @@ def test_simplenet_two_optimizers_and_pruned_backbone_same_output() -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(full(x), pruned(x))
-    opts, scheds = full.configure_optimizers({**OPTIM["simplenet"], "schedule": {"name": "step"}}, 10)
+    opts, scheds = full.configure_optimizers({**OPTIM["simplenet"], "schedule": {"name": "step"}}, 10,
+                                           optim_builders)
     assert [type(o).__name__ for o in opts] == ["Adam", "AdamW"] and len(scheds) == 2
     assert opts[1].param_groups[-1]["lr"] == 1e-4 and opts[0].param_groups[-1]["weight_decay"] == 1e-5
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from omniad.atomic import write_json_atomic
 from omniad.engine import PREEMPTED_EXIT
+from omniad.engine import optim as optim_builders
 from omniad.engine.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
@@ -113,7 +114,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizers, schedulers = model.configure_optimizers(cfg["optim"], total)
+    optimizers, schedulers = model.configure_optimizers(cfg["optim"], total, optim_builders)
     clip = cfg["optim"].get("clip_grad")
     evaluations: list[dict[str, Any]] = []
 

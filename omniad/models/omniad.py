@@ -351,17 +351,17 @@ class OmniAD(ADMethod):
 
     name = "omniad"
     config_class = OmniADConfig
+    cfg: OmniADConfig
     cached_backbone = "encoder"  # sees clean images only, once per step
 
     @classmethod
     def backbone_spec(cls, model: dict) -> dict:
-        cfg = OmniADConfig.model_validate(model)
+        cfg = cls.config_class.model_validate(model)
         return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
 
     def __init__(self, cfg: OmniADConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or OmniADConfig()
-        self.cfg = cfg = OmniADConfig.model_validate({**base.model_dump(), **overrides})
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.encoder = FrozenEncoder(cfg.backbone, (1, 2, 3), cfg.pretrained)
         self.neck = FusionNeck(self.encoder.channels)
         c = self.encoder.channels

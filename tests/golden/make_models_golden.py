@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import yaml
 
+from omniad.engine import optim as optim_builders
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 GOLDEN = HERE / "models.json"
@@ -61,7 +63,7 @@ def fingerprint(spec: dict[str, Any]) -> dict[str, Any]:
         images = torch.randn(BATCH, 3, SIZE, SIZE, generator=gen)
         model.train()
         optim = dict(spec["optim"])
-        opts, scheds = model.configure_optimizers(optim, 10)  # DeSTSeg: fixes its phase split
+        opts, scheds = model.configure_optimizers(optim, 10, optim_builders)  # DeSTSeg: fixes its phase split
         torch.manual_seed(2)
         out["loss0"] = _sum(model.training_step(images, 0)["loss"])
         torch.manual_seed(3)

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-from omniad.models.base import ADMethod
+from omniad.models.base import ADMethod, OptimBuilders
 from omniad.models.baselines import perlin
 from omniad.models.encoder import FrozenEncoder
 
@@ -169,11 +169,11 @@ class DeSTSeg(ADMethod):
 
     name = "destseg"
     config_class = DeSTSegConfig
+    cfg: DeSTSegConfig
 
     def __init__(self, cfg: DeSTSegConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or DeSTSegConfig()
-        self.cfg = cfg = DeSTSegConfig.model_validate({**base.model_dump(), **overrides})
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.encoder = FrozenEncoder("resnet18", (1, 2, 3), cfg.pretrained)  # the teacher
         self.student = Student()
         self.segmentation = SegmentationHead(sum(self.encoder.channels))
@@ -246,26 +246,24 @@ class DeSTSeg(ADMethod):
         return {"loss": focal + l1, "focal": focal.detach(), "l1": l1.detach()}
 
     def configure_optimizers(
-        self, optim: dict[str, Any], total_steps: int
+        self, optim: dict[str, Any], total_steps: int, build: OptimBuilders
     ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
         """SGD for the student (``optim.lr``) and for the head (``optim.seg_lr_res`` for its two
         basic blocks, ``optim.seg_lr_head`` for the rest); momentum and weight decay shared;
         ``optim.no_decay_1d`` exempts the student's biases and BatchNorm parameters (ADer).
         Only one part has gradients at a time, so stepping both every iteration trains each in
         its own phase."""
-        from omniad.engine.optim import build_scheduler, param_groups
-
         self.de_st_steps = max(1, int(round(total_steps * self.cfg.de_st_fraction)))
         wd = float(optim.get("weight_decay", 1e-4))
         kw = {"momentum": float(optim.get("momentum", 0.9)), "weight_decay": wd}
-        student = torch.optim.SGD(param_groups(self.student, wd, bool(optim.get("no_decay_1d"))),
+        student = torch.optim.SGD(build.param_groups(self.student, wd, bool(optim.get("no_decay_1d"))),
                                   lr=float(optim["lr"]), momentum=kw["momentum"])
         seg = torch.optim.SGD([
             {"params": self.segmentation.res.parameters(), "lr": float(optim.get("seg_lr_res", 0.1))},
             {"params": self.segmentation.head.parameters(), "lr": float(optim.get("seg_lr_head", 0.01))},
         ], lr=float(optim.get("seg_lr_res", 0.1)), **kw)
         opts = [student, seg]
-        return opts, [build_scheduler(o, optim, total_steps) for o in opts]
+        return opts, [build.build_scheduler(o, optim, total_steps) for o in opts]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -714,17 +714,17 @@ class MambaAD(ADMethod):
 
     name = "mambaad"
     config_class = MambaADConfig
+    cfg: MambaADConfig
     cached_backbone = "encoder"  # sees clean images only, once per step
 
     @classmethod
     def backbone_spec(cls, model: dict) -> dict:
-        cfg = MambaADConfig.model_validate(model)
+        cfg = cls.config_class.model_validate(model)
         return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
 
     def __init__(self, cfg: MambaADConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or MambaADConfig()
-        self.cfg = cfg = MambaADConfig.model_validate({**base.model_dump(), **overrides})
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.encoder = FrozenEncoder(cfg.backbone, (1, 2, 3), cfg.pretrained)
         self.neck = FusionNeck(self.encoder.channels)
         c = self.encoder.channels

@@ -186,17 +186,17 @@ class RD4AD(ADMethod):
 
     name = "rd4ad"
     config_class = RD4ADConfig
+    cfg: RD4ADConfig
     cached_backbone = "teacher"  # sees clean images only, once per step
 
     @classmethod
     def backbone_spec(cls, model: dict) -> dict:
-        cfg = RD4ADConfig.model_validate(model)
+        cfg = cls.config_class.model_validate(model)
         return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
 
     def __init__(self, cfg: RD4ADConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or RD4ADConfig()
-        self.cfg = cfg = RD4ADConfig.model_validate({**base.model_dump(), **overrides})
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.teacher = FrozenEncoder(cfg.backbone, (1, 2, 3), cfg.pretrained)
         channels = self.teacher.channels
         teacher_width = TEACHER_WIDTH[cfg.backbone]

@@ -237,17 +237,17 @@ class RLR(ADMethod):
 
     name = "rlr"
     config_class = RLRConfig
+    cfg: RLRConfig
     cached_backbone = "encoder"  # sees clean images only, once per step
 
     @classmethod
     def backbone_spec(cls, model: dict) -> dict:
-        cfg = RLRConfig.model_validate(model)
+        cfg = cls.config_class.model_validate(model)
         return FrozenEncoder.spec(cfg.backbone, cfg.out_indices, cfg.pretrained)
 
     def __init__(self, cfg: RLRConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or RLRConfig()
-        self.cfg = cfg = RLRConfig.model_validate({**base.model_dump(), **overrides})
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.out_indices, cfg.pretrained)
         self.levels = nn.ModuleList(
             LevelReconstructor(c, d, g, k, cfg.heads, cfg.layers, cfg.ffn_scale)

@@ -230,17 +230,17 @@ class UniAD(ADMethod):
 
     name = "uniad"
     config_class = UniADConfig
+    cfg: UniADConfig
     cached_backbone = "encoder"  # sees clean images only, once per step
 
     @classmethod
     def backbone_spec(cls, model: dict) -> dict:
-        cfg = UniADConfig.model_validate(model)
+        cfg = cls.config_class.model_validate(model)
         return FrozenEncoder.spec(cfg.backbone, cfg.stages, cfg.pretrained)
 
     def __init__(self, cfg: UniADConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or UniADConfig()
-        self.cfg = cfg = UniADConfig.model_validate({**base.model_dump(), **overrides})
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.stages, cfg.pretrained)
         if max(self.encoder.reductions) != STRIDE:
             raise ValueError(f"UniAD fuses features at stride {STRIDE}; stages {cfg.stages} of "
