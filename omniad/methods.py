@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from omniad.data.files import DataFiles
 from omniad.grid import Params, ParamsError, load_params
 from omniad.models.base import ADMethod
 
@@ -47,4 +48,6 @@ def create_method(name: str, **overrides: Any) -> ADMethod:
     """Build method ``name``: its params ``model`` block with ``overrides`` merged over it
     (validated by the method's config class). The caller seeds the RNG: the init is random."""
     params = load_params()
-    return method_class(name, params)(**{**params.methods[name].model, **overrides})
+    model = method_class(name, params)(**{**params.methods[name].model, **overrides})
+    model.bind_data(DataFiles())
+    return model

@@ -10,18 +10,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from omniad.data.files import DataFiles
 from omniad.engine import optim as optim_builders
 from omniad.models.baselines import perlin
 from omniad.models.baselines.destseg import DeSTSeg
-from omniad.models.baselines.mambaad import (
-    MambaAD,
-    MambaADConfig,
-    hilbert_order,
-    scan_orders,
-    selective_scan_fast,
-    selective_scan_ref,
-)
+from omniad.models.baselines.mambaad import MambaAD, MambaADConfig
 from omniad.models.baselines.simplenet import SimpleNet
+from omniad.models.layers.scan_orders import hilbert_order, scan_orders
+from omniad.models.layers.selective_scan import selective_scan_fast, selective_scan_ref
 
 DEMO_MAMBAAD = {"grid": 2, "depths": (2, 2, 2, 2), "d_state": 4}  # params/methods/mambaad.yaml demo
 
@@ -67,6 +63,7 @@ def test_the_selective_scan_counts_no_flops(monkeypatch: pytest.MonkeyPatch) -> 
     from fvcore.nn import FlopCountAnalysis
 
     from omniad.models.baselines import mambaad
+    from omniad.models.layers import selective_scan
 
     ss2d = mambaad.SS2D(16, 4, MambaADConfig(grid=4)).eval()
     x = torch.randn(1, 4, 4, 16)
@@ -78,7 +75,7 @@ def test_the_selective_scan_counts_no_flops(monkeypatch: pytest.MonkeyPatch) -> 
         return int(fca.total())
 
     with_scan = flops()
-    monkeypatch.setattr(mambaad, "_core_forward",
+    monkeypatch.setattr(selective_scan, "_core_forward",
                         lambda u, dt, A, B, C, *_: u + dt + A.sum() + B.sum() + C.sum())
     assert flops() == with_scan > 0
 
@@ -351,6 +348,7 @@ def test_dtd_texture_source_reads_the_dtd_tree(tmp_path: Path) -> None:
         d.mkdir(parents=True)
         Image.fromarray(np.full((20, 30, 3), i * 5, np.uint8)).save(d / f"{cat}_0001.jpg")
     model = DeSTSeg(pretrained=False, textures="dtd", dtd_root=str(tmp_path))
+    model.bind_data(DataFiles())
     tex = model.texture_source()(3, 16, 24)
     assert tex.shape == (3, 3, 16, 24) and 0 <= tex.min() and tex.max() <= 1
     assert len(model.texture_source().paths) == len(cats)

@@ -361,12 +361,12 @@ def test_hilbert_order_is_the_official_one_for_grids_2_to_64() -> None:
     (numpy-hilbert-curve), flattened as loc[0] + loc[1] * n; identical, not a reflection."""
     import numpy as np
 
-    import omniad.models.baselines.mambaad as mambaad
+    import omniad.models.layers.scan_orders as orders
 
     hilbert = pytest.importorskip("hilbert")
     for bits in range(1, 7):
         n = 2 ** bits
         locs = hilbert.decode(np.arange(n * n), 2, bits)
         official = locs[:, 0].astype(np.int64) + locs[:, 1].astype(np.int64) * n
-        assert np.array_equal(official, mambaad.hilbert_order(n)), n
-    assert "identical" in mambaad.__doc__ and "reflection" not in mambaad.__doc__
+        assert np.array_equal(official, orders.hilbert_order(n)), n
+    assert "identical" in orders.__doc__ and "reflection" not in orders.__doc__

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -34,6 +35,14 @@ class OptimBuilders(Protocol):
 
     def build_scheduler(self, opt: torch.optim.Optimizer, optim: Any, total_steps: int
                         ) -> torch.optim.lr_scheduler.LRScheduler: ...
+
+
+class DataAccess(Protocol):
+    """Files a method reads by itself (``omniad.data.files.DataFiles`` is one)."""
+
+    def dataset_root(self, dataset: str) -> Path: ...
+
+    def image_paths(self, dataset: str, root: Path, split: str) -> list[Path]: ...
 
 
 class ADMethod(nn.Module):
@@ -70,6 +79,9 @@ class ADMethod(nn.Module):
         ``{"class": "module:Class", "kwargs": {...}}`` (None when not cacheable). The engine
         checks the built backbone's state against the run's, so a mismatch cannot pass."""
         return None
+
+    def bind_data(self, data: DataAccess) -> None:
+        """Hand the method the data files it reads by itself (default: it reads none)."""
 
     def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Return at least ``{"loss": scalar}``; extra entries are logged as per-step terms."""

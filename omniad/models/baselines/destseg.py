@@ -43,12 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-from omniad.models.base import ADMethod, OptimBuilders
+from omniad.constants import IMAGENET_MEAN, IMAGENET_STD
+from omniad.models.base import ADMethod, DataAccess, OptimBuilders
 from omniad.models.baselines import perlin
 from omniad.models.encoder import FrozenEncoder
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DeSTSegConfig(BaseModel):
@@ -181,6 +179,10 @@ class DeSTSeg(ADMethod):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.de_st_steps: int | None = None  # set by configure_optimizers
         self._textures: Any = None
+        self._data: DataAccess | None = None
+
+    def bind_data(self, data: DataAccess) -> None:
+        self._data = data
 
     # -- synthetic anomalies -------------------------------------------------------------
     def texture_source(self) -> Any:
@@ -188,10 +190,12 @@ class DeSTSeg(ADMethod):
             if self.cfg.textures == "package":
                 self._textures = perlin.package_textures
             else:
-                from omniad.grid import data_root
-
-                root = Path(self.cfg.dtd_root) if self.cfg.dtd_root else data_root("dtd")
-                self._textures = perlin.DTDTextures(root)
+                if self._data is None:
+                    raise RuntimeError("destseg: textures 'dtd' read the DTD images: build the "
+                                       "model with omniad.methods.create_method (or bind_data)")
+                root = (Path(self.cfg.dtd_root) if self.cfg.dtd_root
+                        else self._data.dataset_root("dtd"))
+                self._textures = perlin.DTDTextures(self._data.image_paths("dtd", root, "train"))
         return self._textures
 
     @torch.no_grad()

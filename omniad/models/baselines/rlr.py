@@ -53,7 +53,7 @@ from torch import nn
 
 from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenEncoder
-from omniad.models.omniad import add_jitter
+from omniad.models.layers.jitter import add_jitter
 
 #: The official window per grid side (models/model.py, generate_mask).
 OFFICIAL_WINDOWS: dict[int, int] = {16: 5, 32: 7, 64: 11}

@@ -51,7 +51,7 @@ from torch import nn
 
 from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenEncoder
-from omniad.models.omniad import add_jitter
+from omniad.models.layers.jitter import add_jitter
 
 STRIDE = 16
 
