@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenEncoder
+from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
 from omniad.models.layers.jitter import add_jitter
 from omniad.models.layers.neck import FusionNeck
@@ -241,23 +241,17 @@ class Decoder(StagedDecoder):
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
-class OmniAD(ADMethod):
+class OmniAD(FrozenEncoderMethod):
     """Frozen encoder -> fusion neck (+ jitter; scale 0 in eval) -> Omni-block decoder."""
 
     name = "omniad"
     config_class = OmniADConfig
     cfg: OmniADConfig
-    cached_backbone = "encoder"  # sees clean images only, once per step
-
-    @classmethod
-    def backbone_spec(cls, model: dict) -> dict:
-        cfg = cls.config_class.model_validate(model)
-        return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
+    encoder: FrozenEncoder
 
     def __init__(self, cfg: OmniADConfig | None = None, **overrides: object) -> None:
         super().__init__(cfg, **overrides)
         cfg = self.cfg
-        self.encoder = FrozenEncoder(cfg.backbone, (1, 2, 3), cfg.pretrained)
         self.neck = FusionNeck(self.encoder.channels)
         c = self.encoder.channels
         self.decoder = Decoder([self.neck.out_channels, c[2], c[1], c[0]], cfg)

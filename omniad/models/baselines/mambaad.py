@@ -54,8 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.layers import DropPath
 from torch import nn
 
-from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenEncoder
+from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
 from omniad.models.layers.neck import FusionNeck
 from omniad.models.layers.patch_expand import PatchExpand
@@ -261,23 +261,17 @@ class MambaDecoder(StagedDecoder):
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
-class MambaAD(ADMethod):
+class MambaAD(FrozenEncoderMethod):
     """Frozen ResNet encoder -> fusion neck -> Mamba decoder; MSE reconstruction of features."""
 
     name = "mambaad"
     config_class = MambaADConfig
     cfg: MambaADConfig
-    cached_backbone = "encoder"  # sees clean images only, once per step
-
-    @classmethod
-    def backbone_spec(cls, model: dict) -> dict:
-        cfg = cls.config_class.model_validate(model)
-        return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
+    encoder: FrozenEncoder
 
     def __init__(self, cfg: MambaADConfig | None = None, **overrides: object) -> None:
         super().__init__(cfg, **overrides)
         cfg = self.cfg
-        self.encoder = FrozenEncoder(cfg.backbone, (1, 2, 3), cfg.pretrained)
         self.neck = FusionNeck(self.encoder.channels)
         c = self.encoder.channels
         self.decoder = MambaDecoder([self.neck.out_channels, c[2], c[1], c[0]], cfg)

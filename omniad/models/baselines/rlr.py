@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenEncoder
+from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.jitter import add_jitter
 
 #: The official window per grid side (models/model.py, generate_mask).
@@ -232,23 +232,21 @@ def level_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, target) + (1 - F.cosine_similarity(out, target, dim=-1)).mean()
 
 
-class RLR(ADMethod):
+class RLR(FrozenEncoderMethod):
     """Frozen features -> per level, reconstruction from a learnable reference -> error map."""
 
     name = "rlr"
     config_class = RLRConfig
     cfg: RLRConfig
-    cached_backbone = "encoder"  # sees clean images only, once per step
+    encoder: FrozenEncoder
 
     @classmethod
-    def backbone_spec(cls, model: dict) -> dict:
-        cfg = cls.config_class.model_validate(model)
-        return FrozenEncoder.spec(cfg.backbone, cfg.out_indices, cfg.pretrained)
+    def encoder_stages(cls, cfg: RLRConfig) -> tuple[int, ...]:
+        return cfg.out_indices
 
     def __init__(self, cfg: RLRConfig | None = None, **overrides: object) -> None:
         super().__init__(cfg, **overrides)
         cfg = self.cfg
-        self.encoder = FrozenEncoder(cfg.backbone, cfg.out_indices, cfg.pretrained)
         self.levels = nn.ModuleList(
             LevelReconstructor(c, d, g, k, cfg.heads, cfg.layers, cfg.ffn_scale)
             for c, d, g, k in zip(self.encoder.channels, cfg.widths, cfg.grids, cfg.window_sizes,

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenEncoder
+from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.jitter import add_jitter
 
 STRIDE = 16
@@ -225,23 +225,21 @@ class Transformer(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
-class UniAD(ADMethod):
+class UniAD(FrozenEncoderMethod):
     """Frozen multi-scale features -> jitter -> neighbour-masked transformer -> reconstruction."""
 
     name = "uniad"
     config_class = UniADConfig
     cfg: UniADConfig
-    cached_backbone = "encoder"  # sees clean images only, once per step
+    encoder: FrozenEncoder
 
     @classmethod
-    def backbone_spec(cls, model: dict) -> dict:
-        cfg = cls.config_class.model_validate(model)
-        return FrozenEncoder.spec(cfg.backbone, cfg.stages, cfg.pretrained)
+    def encoder_stages(cls, cfg: UniADConfig) -> tuple[int, ...]:
+        return cfg.stages
 
     def __init__(self, cfg: UniADConfig | None = None, **overrides: object) -> None:
         super().__init__(cfg, **overrides)
         cfg = self.cfg
-        self.encoder = FrozenEncoder(cfg.backbone, cfg.stages, cfg.pretrained)
         if max(self.encoder.reductions) != STRIDE:
             raise ValueError(f"UniAD fuses features at stride {STRIDE}; stages {cfg.stages} of "
                              f"{cfg.backbone} reach {max(self.encoder.reductions)}")

@@ -6,6 +6,8 @@ import torch
 from timm.models.resnet import Bottleneck
 from torch import nn
 
+from omniad.models.layers.init import resnet_init
+
 
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
@@ -49,12 +51,7 @@ class FusionNeck(nn.Module):
                    for _ in range(blocks - 1)]
         self.blocks = nn.Sequential(*layers)
         self.out_channels = planes * Bottleneck.expansion
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        resnet_init(self)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         f1 = self.lat2(feats[1]) + self.down1(feats[0])
