@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from omniad.models.encoder import FrozenEncoder
+from omniad.models.encoder import FrozenEncoder, Pretrained
 from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
 from omniad.models.layers.jitter import add_jitter
@@ -61,7 +61,7 @@ class OmniADConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["resnet18", "resnet34", "resnet50", "wide_resnet50_2"] = "resnet34"
-    pretrained: str | bool = "resnet34.bt_in1k"
+    pretrained: Pretrained = "resnet34.bt_in1k"
     depths: tuple[int, int, int, int] = (3, 9, 9, 7)
     tokens: int = 64
     heads: int = 8
@@ -86,11 +86,6 @@ class OmniADConfig(BaseModel):
         if v < 1 or math.isqrt(v) ** 2 != v:
             raise ValueError(f"tokens must be a perfect square (16, 36, 64, 100, ...), got {v}")
         return v
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 # --------------------------------------------------------------------------------------------

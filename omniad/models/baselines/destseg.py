@@ -39,14 +39,14 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from timm.models.resnet import BasicBlock
 from torch import nn
 
 from omniad.constants import IMAGENET_MEAN, IMAGENET_STD
 from omniad.models.base import ADMethod, DataAccess, OptimBuilders
 from omniad.models.baselines import perlin
-from omniad.models.encoder import FrozenEncoder
+from omniad.models.encoder import FrozenEncoder, Pretrained
 
 
 class DeSTSegConfig(BaseModel):
@@ -55,7 +55,7 @@ class DeSTSegConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: torchvision's ResNet18 (BASELINES.md: ``resnet18.tv_in1k``).
-    pretrained: str | bool = "resnet18.tv_in1k"
+    pretrained: Pretrained = "resnet18.tv_in1k"
     textures: Literal["dtd", "package"] = "dtd"
     #: DTD root (the folder holding dtd/images); None: $OMNIAD_DATA/dtd.
     dtd_root: str | None = None
@@ -67,11 +67,6 @@ class DeSTSegConfig(BaseModel):
     focal_gamma: float = Field(4.0, ge=0)
     image_score: Literal["max", "top_mean"] = "max"
     top_k: int = Field(100, ge=1)
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.layers import DropPath
 from torch import nn
 
-from omniad.models.encoder import FrozenEncoder
+from omniad.models.encoder import FrozenEncoder, Pretrained
 from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
 from omniad.models.layers.neck import FusionNeck
@@ -70,7 +70,7 @@ class MambaADConfig(BaseModel):
 
     backbone: Literal["resnet34", "resnet18"] = "resnet34"
     #: torchvision's ResNet34 (the released config loads resnet34-43635321.pth).
-    pretrained: str | bool = "resnet34.bt_in1k"  # official: resnet34-43635321.pth (= Omni-AD's)
+    pretrained: Pretrained = "resnet34.bt_in1k"  # official: resnet34-43635321.pth (= Omni-AD's)
     depths: tuple[int, int, int, int] = (3, 4, 6, 3)
     d_state: int = Field(16, ge=1)
     expand: int = Field(2, ge=1)
@@ -105,11 +105,6 @@ class MambaADConfig(BaseModel):
             raise ValueError(f"each depth must be a multiple of 3 or of 2 (blocks are grouped in "
                              f"modules of 3 or 2), got {list(v)}")
         return v
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,11 +33,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from timm.models.resnet import Bottleneck
 from torch import nn
 
-from omniad.models.encoder import FrozenEncoder
+from omniad.models.encoder import FrozenEncoder, Pretrained
 from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.init import resnet_init
 
@@ -53,15 +53,10 @@ class RD4ADConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["wide_resnet50_2", "resnet50"] = "wide_resnet50_2"
-    pretrained: str | bool = "wide_resnet50_2.racm_in1k"
+    pretrained: Pretrained = "wide_resnet50_2.racm_in1k"
     form: Literal["ader", "official"] = "ader"
     ocbe_blocks: int = Field(3, ge=1)
     map_sigma: float = Field(4.0, ge=0)
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from omniad.models.encoder import FrozenEncoder
+from omniad.models.encoder import FrozenEncoder, Pretrained
 from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.jitter import add_jitter
 
@@ -65,7 +65,7 @@ class RLRConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["tf_efficientnet_b6", "wide_resnet50_2"] = "tf_efficientnet_b6"
-    pretrained: str | bool = "tf_efficientnet_b6.aa_in1k"
+    pretrained: Pretrained = "tf_efficientnet_b6.aa_in1k"
     out_indices: tuple[int, ...] = (2, 3)
     image_size: int = Field(256, gt=0)
     windows: tuple[int, ...] | None = None
@@ -75,11 +75,6 @@ class RLRConfig(BaseModel):
     jitter_scale: float = Field(4.0, ge=0)
     map_sigma: float = Field(4.0, ge=0)
     stepping: Literal["per_level", "summed"] = "per_level"  # see the module docstring
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
     @field_validator("out_indices")
     @classmethod

@@ -40,7 +40,7 @@ from torch import nn
 
 from omniad.anomaly_map import gaussian_smooth, max_score, to_numpy_maps
 from omniad.models.base import ADMethod, OptimBuilders
-from omniad.models.encoder import FrozenBackbone
+from omniad.models.encoder import FrozenBackbone, Pretrained
 
 
 class SimpleNetConfig(BaseModel):
@@ -50,7 +50,7 @@ class SimpleNetConfig(BaseModel):
 
     backbone: Literal["wide_resnet50_2", "resnet50", "resnet18"] = "wide_resnet50_2"
     #: torchvision's weights, as the official code loads them.
-    pretrained: str | bool = "wide_resnet50_2.tv_in1k"
+    pretrained: Pretrained = "wide_resnet50_2.tv_in1k"
     layers: tuple[int, int] = (2, 3)
     hold_full_backbone: bool = True
     patch_size: int = Field(3, ge=1)
@@ -67,11 +67,6 @@ class SimpleNetConfig(BaseModel):
         if v % 2 == 0:
             raise ValueError(f"patch_size must be odd (centred neighbourhood), got {v}")
         return v
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 class FrozenTrunk(FrozenBackbone):

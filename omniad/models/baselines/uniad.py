@@ -46,10 +46,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from omniad.models.encoder import FrozenEncoder
+from omniad.models.encoder import FrozenEncoder, Pretrained
 from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.jitter import add_jitter
 
@@ -62,7 +62,7 @@ class UniADConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["tf_efficientnet_b4", "resnet18", "resnet34", "wide_resnet50_2"] = "tf_efficientnet_b4"
-    pretrained: str | bool = "tf_efficientnet_b4.aa_in1k"
+    pretrained: Pretrained = "tf_efficientnet_b4.aa_in1k"
     out_indices: tuple[int, ...] | None = None
     image_size: int = Field(256, gt=0)
     window: int | None = None
@@ -75,11 +75,6 @@ class UniADConfig(BaseModel):
     jitter_scale: float = Field(20.0, ge=0)
     jitter_prob: float = Field(1.0, ge=0, le=1)
     score_pool: int | None = None
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
     @model_validator(mode="after")
     def _consistent(self) -> UniADConfig:
