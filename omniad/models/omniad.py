@@ -39,17 +39,15 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from omniad.models.encoder import FrozenEncoder, Pretrained
-from omniad.models.frozen_encoder import FrozenEncoderMethod
+from omniad.models.feature_reconstruction import FeatureReconstructionMethod
 from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
 from omniad.models.layers.jitter import add_jitter
-from omniad.models.layers.neck import FusionNeck
 from omniad.models.layers.patch_expand import PatchExpand
 
 AttnMode = Literal["self", "q", "kv"]
@@ -236,46 +234,18 @@ class Decoder(StagedDecoder):
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
-class OmniAD(FrozenEncoderMethod):
+class OmniAD(FeatureReconstructionMethod):
     """Frozen encoder -> fusion neck (+ jitter; scale 0 in eval) -> Omni-block decoder."""
 
     name = "omniad"
     config_class = OmniADConfig
     cfg: OmniADConfig
     encoder: FrozenEncoder
+    decoder_class = Decoder
 
-    def __init__(self, cfg: OmniADConfig | None = None, **overrides: object) -> None:
-        super().__init__(cfg, **overrides)
-        cfg = self.cfg
-        self.neck = FusionNeck(self.encoder.channels)
-        c = self.encoder.channels
-        self.decoder = Decoder([self.neck.out_channels, c[2], c[1], c[0]], cfg)
-
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        feats_t = self.encoder(images)
-        z = self.neck(feats_t)
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         b, c, h, w = z.shape
         # in eval too, with scale 0 (prob 1), as released: it draws the noise all the same
         scale, prob = (self.cfg.jitter_scale, self.cfg.jitter_prob) if self.training else (0.0, 1.0)
         tokens = add_jitter(z.flatten(2).transpose(1, 2), scale, prob)
-        z = tokens.transpose(1, 2).reshape(b, c, h, w)
-        return feats_t, self.decoder(z)
-
-    @staticmethod
-    def reconstruction_loss(feats_t: list[torch.Tensor], feats_s: list[torch.Tensor]) -> torch.Tensor:
-        """Sum over scales of the mean squared error (the released L2Loss)."""
-        return sum(F.mse_loss(s, t) for t, s in zip(feats_t, feats_s, strict=True))
-
-    def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        feats_t, feats_s = self(images)
-        return {"loss": self.reconstruction_loss(feats_t, feats_s)}
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        from omniad.anomaly_map import cosine_anomaly_map
-
-        feats_t, feats_s = self(images)
-        return cosine_anomaly_map(
-            feats_t, feats_s, images.shape[-2:], divisor=self.cfg.map_divisor,
-            sigma=self.cfg.map_sigma,
-        )
+        return tokens.transpose(1, 2).reshape(b, c, h, w)

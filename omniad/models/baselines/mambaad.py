@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,9 +54,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from omniad.models.encoder import FrozenEncoder, Pretrained
-from omniad.models.frozen_encoder import FrozenEncoderMethod
+from omniad.models.feature_reconstruction import FeatureReconstructionMethod
 from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
-from omniad.models.layers.neck import FusionNeck
 from omniad.models.layers.patch_expand import PatchExpand
 from omniad.models.layers.scan_orders import scan_orders
 from omniad.models.layers.selective_scan import scan_tokens, selective_scan_ref
@@ -256,34 +254,14 @@ class MambaDecoder(StagedDecoder):
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
-class MambaAD(FrozenEncoderMethod):
+class MambaAD(FeatureReconstructionMethod):
     """Frozen ResNet encoder -> fusion neck -> Mamba decoder; MSE reconstruction of features."""
 
     name = "mambaad"
     config_class = MambaADConfig
     cfg: MambaADConfig
     encoder: FrozenEncoder
-
-    def __init__(self, cfg: MambaADConfig | None = None, **overrides: object) -> None:
-        super().__init__(cfg, **overrides)
-        cfg = self.cfg
-        self.neck = FusionNeck(self.encoder.channels)
-        c = self.encoder.channels
-        self.decoder = MambaDecoder([self.neck.out_channels, c[2], c[1], c[0]], cfg)
-
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        feats_t = self.encoder(images)
-        return feats_t, self.decoder(self.neck(feats_t))
+    decoder_class = MambaDecoder
 
     def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        feats_t, feats_s = self(images)
-        mse = sum(F.mse_loss(s, t) for t, s in zip(feats_t, feats_s, strict=True))
-        return {"loss": self.cfg.loss_weight * mse}
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        from omniad.anomaly_map import cosine_anomaly_map
-
-        feats_t, feats_s = self(images)
-        return cosine_anomaly_map(feats_t, feats_s, images.shape[-2:], divisor=self.cfg.map_divisor,
-                                  sigma=self.cfg.map_sigma)
+        return {"loss": self.cfg.loss_weight * super().training_step(images, step)["loss"]}
