@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
+from omniad.models.encoder import FrozenEncoder
 from omniad.models.frozen_encoder import FrozenEncoderMethod
 from omniad.models.layers.neck import FusionNeck
 
@@ -25,6 +26,7 @@ class FeatureReconstructionMethod(FrozenEncoderMethod):
     ``map_divisor`` and ``map_sigma``."""
 
     decoder_class: ClassVar[type[nn.Module]]
+    encoder: FrozenEncoder
 
     def __init__(self, cfg: BaseModel | None = None, **overrides: Any) -> None:
         super().__init__(cfg, **overrides)

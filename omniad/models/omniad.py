@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from omniad.models.encoder import FrozenEncoder, Pretrained
+from omniad.models.encoder import Pretrained
 from omniad.models.feature_reconstruction import FeatureReconstructionMethod
 from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
 from omniad.models.layers.jitter import add_jitter
@@ -240,7 +240,6 @@ class OmniAD(FeatureReconstructionMethod):
     name = "omniad"
     config_class = OmniADConfig
     cfg: OmniADConfig
-    encoder: FrozenEncoder
     decoder_class = Decoder
 
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.layers import DropPath
 from torch import nn
 
-from omniad.models.encoder import FrozenEncoder, Pretrained
+from omniad.models.encoder import Pretrained
 from omniad.models.feature_reconstruction import FeatureReconstructionMethod
 from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
 from omniad.models.layers.patch_expand import PatchExpand
@@ -260,7 +260,6 @@ class MambaAD(FeatureReconstructionMethod):
     name = "mambaad"
     config_class = MambaADConfig
     cfg: MambaADConfig
-    encoder: FrozenEncoder
     decoder_class = MambaDecoder
 
     def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
