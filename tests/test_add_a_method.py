@@ -84,3 +84,14 @@ def test_the_toy_method_builds_and_trains_through_the_engine(toy) -> None:
     with torch.no_grad():
         err = model.errors(images)
     assert torch.allclose(torch.from_numpy(maps[:, ::21, ::21]), err[:, ::5, ::5], atol=1e-6)
+
+
+def test_the_factory_names_the_file_and_the_fault() -> None:
+    from omniad.grid import ParamsError
+
+    load_params.cache_clear()
+    assert list_methods() == load_params().implemented()
+    with pytest.raises(ParamsError, match=r"methods/diad\.yaml: method 'diad' is cited"):
+        create_method("diad")
+    with pytest.raises(ParamsError, match=r"no method 'nosuch' \(known: \[.*'omniad'"):
+        method_class("nosuch")
