@@ -301,7 +301,8 @@ def test_build_optimizer_matches_the_dict_it_replaced() -> None:
 
 
 def test_every_implemented_method_configures_its_optimizers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from omniad.grid import _import
+    from omniad.engine import optim as optim_builders
+    from omniad.methods import create_method
 
     monkeypatch.delenv("OMNIAD_PARAMS", raising=False)
     load_params.cache_clear()
@@ -310,8 +311,8 @@ def test_every_implemented_method_configures_its_optimizers(monkeypatch: pytest.
     for method in params.implemented():
         cfg = resolve_run(params, Run(protocol="demo", dataset="demo", method=method,
                                       variant="default", seed=42))
-        model = _import(cfg.builder)(**cfg.model)
-        opts, scheds = model.configure_optimizers(cfg.optim.to_dict(), 10)
+        model = create_method(method, **cfg.model)
+        opts, scheds = model.configure_optimizers(cfg.optim.to_dict(), 10, optim_builders)
         assert len(opts) == len(scheds) >= 1, method
         assert opts[0].param_groups[-1]["lr"] == cfg.optim.lr, method
         trained = {id(p) for p in model.parameters() if p.requires_grad}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from omniad import constants
 from omniad.atomic import atomic_file
 from omniad.engine.checkpoint import rng_state, seed_everything, set_rng_state
 from omniad.engine.progress import Progress
@@ -23,8 +24,8 @@ from omniad.metrics import CategoryAccumulator, mean_over_categories
 from omniad.models.base import ADMethod
 from omniad.run_config import RunConfig
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.array(constants.IMAGENET_MEAN, dtype=np.float32)
+IMAGENET_STD = np.array(constants.IMAGENET_STD, dtype=np.float32)
 #: Qualitative samples kept per category for the report's figure (anomalous first).
 SAMPLES_PER_CATEGORY = 2
 

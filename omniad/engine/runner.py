@@ -16,7 +16,6 @@ from omniad.engine.features import FeatureCache, build_features
 from omniad.engine.runtime import Runtime, git_state, package_versions
 from omniad.engine.train import evaluation_due, train
 from omniad.grid import (
-    _import,
     cache_dir,
     config_hash,
     feature_key,
@@ -24,6 +23,7 @@ from omniad.grid import (
     parse_run_key,
     resolve_run,
 )
+from omniad.methods import create_method
 from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenBackbone
 from omniad.run_config import RunConfig
@@ -33,7 +33,7 @@ from omniad.selection import released_max
 def build_model(cfg: RunConfig) -> ADMethod:
     """The method's model, initialised from the run's seed (its random init is part of it)."""
     seed_everything(cfg.seed)
-    return _import(cfg.builder)(**cfg.model)
+    return create_method(cfg.method, **cfg.model)
 
 
 def _setup(key: str, device: str | None, bf16: bool, channels_last: bool

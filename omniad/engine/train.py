@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from omniad.atomic import write_json_atomic
 from omniad.engine import PREEMPTED_EXIT
+from omniad.engine import optim as optim_builders
 from omniad.engine.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
@@ -115,7 +116,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: RunConfig, run_dir: Path,
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     # methods read their yaml's keys (a dict); build_optimizer validates them again
-    optimizers, schedulers = model.configure_optimizers(cfg.optim.to_dict(), total)
+    optimizers, schedulers = model.configure_optimizers(cfg.optim.to_dict(), total, optim_builders)
     clip = cfg.optim.clip_grad
     evaluations: list[dict[str, Any]] = []
 
