@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from omniad.engine import optim as optim_builders
 from omniad.engine.checkpoint import seed_everything
 from omniad.engine.runtime import Runtime
 from omniad.grid import load_params
-from omniad.engine import optim as optim_builders
 from omniad.methods import method_class
 from omniad.models.encoder import FrozenBackbone
 
