@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -54,7 +56,7 @@ def test_one_category_accumulator_at_a_time(monkeypatch) -> None:
             alive[0] -= 1
             return super().compute()
 
-    cfg = {"eval_batch_size": 4, "run": "t"}
+    cfg = SimpleNamespace(eval_batch_size=4, run="t")  # the RunConfig fields evaluate reads
     rt = Runtime(torch.device("cpu"), 0)
     monkeypatch.setattr(ev, "CategoryAccumulator", Counting)
     streamed = ev.evaluate(MeanMap(), Cats(with_records=True), cfg, rt)
