@@ -67,7 +67,26 @@ rule evaluate:
     log:
         run_file("evaluate.log"),
     shell:
-        "OMP_NUM_THREADS={threads} omniad evaluate {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+        "OMP_NUM_THREADS={threads} omniad evaluate {params.key}"
+        + (" --no-track" if PROTO.tracking == "at_end" else "")
+        + " > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+
+
+def tracked():
+    """The MLflow sync's marker when the protocol logs at the end (tracking: at_end)."""
+    return [rel(results_root() / PROTOCOL / "mlflow-synced")] if PROTO.tracking == "at_end" else []
+
+
+rule track:
+    """Log every finished run to MLflow in one job (protocol tracking: at_end); runs already
+    logged are skipped (omniad/tracking.py), so a rerun after new results logs only those."""
+    localrule: True
+    input:
+        all_metrics(),
+    output:
+        touch(rel(results_root() / PROTOCOL / "mlflow-synced")),
+    shell:
+        f"omniad track sync --protocol {PROTOCOL}"
 
 
 rule metrics:
@@ -76,3 +95,4 @@ rule metrics:
     localrule: True
     input:
         all_metrics(),
+        tracked(),
