@@ -6,12 +6,20 @@ therefore carries the hash of the source files it imports (the method's module a
 the static imports, everything of ``omniad`` it reaches), and the evaluate rule carries its own.
 Editing ``mambaad.py`` reruns MambaAD's runs only; editing ``metrics.py`` re-evaluates every
 run without retraining; a checkpoint written by other code is refused, not resumed.
+
+What is hashed is the *normalised* source (:func:`normalised_source`): the token stream
+without comments, blank lines and docstrings, so a comment or docstring edit reruns nothing.
+``omniad.grid`` (:data:`CONFIG_MODULES`) is not hashed: a run sees it only through the resolved
+config it produces, whose hash is already a rule param, and the paths it makes, which name the
+outputs; hashing its source would retrain the whole grid for any edit of it.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import io
+import tokenize
 from functools import cache
 from pathlib import Path
 
@@ -22,6 +30,9 @@ TRAIN_ENTRY = ("omniad.engine.train", "omniad.data.cache")
 #: What every evaluation executes besides its method's module.
 EVALUATE_ENTRY = ("omniad.engine.evaluate", "omniad.metrics", "omniad.anomaly_map",
                   "omniad.data.cache")
+#: Modules a run sees only through its resolved config and paths (both already part of what
+#: Snakemake compares): neither hashed nor followed.
+CONFIG_MODULES = frozenset({"omniad.grid"})
 
 
 @cache
@@ -85,16 +96,71 @@ def closure(*modules: str) -> list[str]:
         if m in seen:
             continue
         seen.add(m)
-        todo.extend(_imports(m) - seen)
+        todo.extend(_imports(m) - seen - CONFIG_MODULES)
     return sorted(seen)
+
+
+#: Tokens whose text is layout only (indent width, line endings): their kind is the code.
+_LAYOUT = frozenset({tokenize.INDENT, tokenize.DEDENT, tokenize.NEWLINE, tokenize.ENDMARKER})
+
+
+def _docstring_spans(tree: ast.AST) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions of every module, class and function docstring."""
+    spans = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                v = first.value
+                spans.append(((v.lineno, v.col_offset), (v.end_lineno, v.end_col_offset)))
+    return spans
+
+
+def normalised_source(text: str) -> str:
+    """The code of a module without what does not run: comments, blank lines, docstrings.
+
+    Tokens, not ``ast.dump``: the token stream of unchanged code is the same on every Python
+    version, so an interpreter upgrade does not retrain the grid. Layout within a line
+    (spaces) does not count either; indentation does (INDENT/DEDENT tokens).
+    """
+    spans = _docstring_spans(ast.parse(text))
+    out: list[str] = []
+    after_docstring = False
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING):
+            continue
+        if tok.type == tokenize.STRING and any(a <= tok.start and tok.end <= b for a, b in spans):
+            after_docstring = True
+            continue
+        if after_docstring and tok.type == tokenize.NEWLINE:  # the docstring's own line end
+            after_docstring = False
+            continue
+        after_docstring = False
+        name = tokenize.tok_name[tok.type]
+        out.append(name if tok.type in _LAYOUT else f"{name} {tok.string}")
+    return "\n".join(out)
+
+
+@cache
+def _normalised(module: str) -> str:
+    return normalised_source(_source(module).read_text())  # type: ignore[union-attr]
+
+
+def source_hash(*texts: str) -> str:
+    """SHA-256 (16 hex digits) of sources as normalised: for code found outside the closures."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(normalised_source(t).encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 @cache
 def fingerprint(*modules: str) -> str:
-    """SHA-256 (16 hex digits) over the names and bytes of the closure's source files."""
+    """SHA-256 (16 hex digits) over the names and normalised sources of the closure's files."""
     h = hashlib.sha256()
     for m in closure(*modules):
-        h.update(m.encode() + b"\0" + _source(m).read_bytes() + b"\0")  # type: ignore[union-attr]
+        h.update(m.encode() + b"\0" + _normalised(m).encode() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -1,21 +1,21 @@
 """Parameters and FLOPs of every variant, beside the paper's numbers.
 
 Convention (the released code's): fvcore's FlopCountAnalysis, one multiply-add = one FLOP,
-encoder included, one 1x3x256x256 image, model in eval mode. Parameters: every registered
-parameter (the frozen, truncated encoder included); the released resampled FFNs are not
-registered and so not counted, as in the paper's 29.9M.
+encoder included, one image at the paper's size (params/paper.yaml ``setup``), model in eval
+mode. Parameters: every registered parameter (the frozen, truncated encoder included); the
+released resampled FFNs are not registered and so not counted, as in the paper's count.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from omniad.grid import Params, _import, load_params
+
+if TYPE_CHECKING:  # torch is imported where models are built: the report's cache key
+    from torch import nn  # (cost_tables) needs no torch
 
 
 def count_params(model: nn.Module) -> int:
@@ -24,6 +24,7 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, size: int = 256) -> int:
     """fvcore multiply-adds for one image of size x size."""
+    import torch
     from fvcore.nn import FlopCountAnalysis
 
     model = model.eval()
@@ -41,23 +42,37 @@ def build(params: Params, method: str, overrides: dict[str, Any]) -> nn.Module:
     return _import(spec.builder)(**{**spec.model, **overrides, "pretrained": False})
 
 
+def cost_tables(params: Params) -> list[str]:
+    """Ablation tables whose paper rows report params/FLOPs (the paper's IV, VI, VII)."""
+    return [t for t in params.grid.table_order if params.grid.tables[t].kind == "ablation"
+            and any(isinstance(v, dict) and "params_m" in v
+                    for v in (params.paper.get(t) or {}).values())]
+
+
 def complexity_rows(params: Params, method: str | None = None, flops: bool = True) -> list[dict]:
-    """One row per variant of Tables IV, VI, VII (or per method), paper numbers beside ours."""
+    """One row per variant of the cost tables (or per method), paper numbers beside ours.
+
+    The ablation method's default is compared with the released code's exact counts
+    (params/paper.yaml ``released_counts``), the variants with the paper's tables."""
     targets: list[tuple[str, str, str, dict[str, Any], dict | None]] = []
     if method is None:
-        targets.append(("default", "omniad", "default", {}, {"params_m": 29.927, "flops_g": 11.157}))
-        for table in ("table4", "table6", "table7"):
+        ablation = params.grid.ablation_method
+        released = (params.paper.get("released_counts") or {}).get("default")
+        targets.append(("default", ablation, "default", {}, released))
+        for table in cost_tables(params):
+            paper_rows = {str(k): v for k, v in params.paper[table].items()}
             for row, overrides in params.grid.tables[table].rows.items():
-                paper_rows = {str(k): v for k, v in params.paper[table].items()}
-                targets.append((table, "omniad", row, overrides, paper_rows.get(row)))
+                targets.append((table, ablation, row, overrides, paper_rows.get(row)))
     else:
         targets.append(("method", method, "default", {}, None))
+    import torch
+
     rows = []
     torch.manual_seed(0)
     for table, meth, row, overrides, paper in targets:
         model = build(params, meth, overrides)
         p = count_params(model) / 1e6
-        f = count_flops(model) / 1e9 if flops else None
+        f = count_flops(model, params.paper["setup"]["image_size"]) / 1e9 if flops else None
         entry: dict[str, Any] = {"table": table, "method": meth, "row": row,
                                  "params_m": round(p, 3), "flops_g": None if f is None else round(f, 3)}
         if paper:

@@ -169,6 +169,8 @@ class Table(_Strict):
 
 
 class Grid(_Strict):
+    #: The method whose variants the ablation tables (kind: ablation) train
+    ablation_method: str
     table_order: list[str]
     tables: dict[str, Table]
 
@@ -243,6 +245,10 @@ class Params:
                 if known is None or any(r not in known.rows for r in rows):
                     raise ParamsError(f"protocols.yaml: {pname}.exclude_rows.{table}: unknown "
                                       f"table or row {rows}")
+        ablation = self.grid.ablation_method
+        if ablation not in self.methods or self.methods[ablation].status != "implemented":
+            raise ParamsError(f"{self.root / 'grid.yaml'}: ablation_method: {ablation!r} is not "
+                              f"an implemented method (implemented: {self.implemented()})")
         for t in self.grid.table_order:
             if t not in self.grid.tables:
                 raise ParamsError(f"grid.yaml: table_order names unknown table {t!r}")
@@ -301,10 +307,16 @@ class Run(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"{self.protocol}/{self.dataset}/{self.method}/{self.variant}/{self.seed}"
+        return run_key(self.protocol, self.dataset, self.method, self.variant, self.seed)
 
     def dir(self, results: Path | None = None) -> Path:
         return run_dir(self.protocol, self.dataset, self.method, self.variant, self.seed, results)
+
+
+def run_key(protocol: str, dataset: str, method: str, variant: str, seed: int | str) -> str:
+    """The one place run keys are made: 'protocol/dataset/method/variant/seed' (the CLI's
+    argument, the workflow's job key; :func:`parse_run_key` reads it back)."""
+    return f"{protocol}/{dataset}/{method}/{variant}/{seed}"
 
 
 def results_root() -> Path:
@@ -344,7 +356,7 @@ def enumerate_runs(params: Params, protocol: str) -> list[Run]:
                     add(ds, m, {}, table.kind)
         else:
             for overrides in table_rows(params, protocol, tname).values():
-                add(proto.ablation_dataset, "omniad", overrides, table.kind)
+                add(proto.ablation_dataset, params.grid.ablation_method, overrides, table.kind)
     return list(runs.values())
 
 
@@ -511,8 +523,89 @@ def tables_of(params: Params, run: Run) -> list[tuple[str, str]]:
         if table.kind == "methods":
             if run.variant == "default":
                 out.append((tname, run.method))
-        elif run.method == "omniad" and run.dataset == proto.ablation_dataset:
+        elif run.method == params.grid.ablation_method and run.dataset == proto.ablation_dataset:
             for row, overrides in table_rows(params, run.protocol, tname).items():
-                if variant_id(_strip_defaults(params, "omniad", overrides)) == run.variant:
+                if variant_id(_strip_defaults(params, run.method, overrides)) == run.variant:
                     out.append((tname, row))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# What the workflow needs besides runs: file names, folders, resources, the fetched datasets.
+# Snakemake (workflow/rules/*.smk) reads these; it spells none of them.
+# --------------------------------------------------------------------------------------------
+#: A run's trained model (checkpoint while training) and its evaluation, in :func:`run_dir`.
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+
+
+def manifest_file(dataset: str) -> Path:
+    """The manifest a fetched or generated dataset's folder is complete with."""
+    from omniad.data.manifest import MANIFEST_NAME
+
+    return data_root(dataset) / MANIFEST_NAME
+
+
+def cache_key_file(dataset: str, size: int) -> Path:
+    """The file a resized cache is complete with (written last by omniad.data.cache)."""
+    from omniad.data.cache import KEY_NAME
+
+    return cache_dir(dataset, size) / KEY_NAME
+
+
+def features_file(key: dict[str, Any] | str) -> Path:
+    """The file a feature cache is complete with, by feature key or by folder name."""
+    from omniad.engine.features import META
+
+    return (features_root() / key if isinstance(key, str) else features_dir(key)) / META
+
+
+def check_file(protocol: str, dataset: str) -> Path:
+    """The report of ``omniad data check`` on a dataset, per protocol."""
+    return results_root() / protocol / "checks" / f"{dataset}.txt"
+
+
+def summary_file(protocol: str, results: Path | None = None) -> Path:
+    """A protocol's summary (mAD per table cell), written by the report for DVC."""
+    return (results or results_root()) / protocol / "summary.json"
+
+
+def tracked_file(protocol: str, results: Path | None = None) -> Path:
+    """Marker of the one MLflow sync after a protocol's last evaluation (tracking: at_end)."""
+    return (results or results_root()) / protocol / "mlflow-synced"
+
+
+def dvc_summary_dir() -> Path:
+    """summary/ beside results/: the selected protocol's summary under a path that names no
+    protocol, for dvc.yaml's metrics and plots."""
+    return results_root().parent / "summary"
+
+
+def reports_root() -> Path:
+    """reports/ of this checkout, or $OMNIAD_REPORTS."""
+    return Path(os.environ.get("OMNIAD_REPORTS", REPO / "reports"))
+
+
+def report_dir(protocol: str, reports: Path | None = None) -> Path:
+    return (reports or reports_root()) / protocol
+
+
+def report_table_file(protocol: str, table: str, reports: Path | None = None) -> Path:
+    """One table of the report, as LaTeX (``omniad report`` writes one per grid table)."""
+    return report_dir(protocol, reports) / "tables" / f"{table}.tex"
+
+
+def report_tex_file(protocol: str, reports: Path | None = None) -> Path:
+    """The report's LaTeX source, written after every table and figure."""
+    return report_dir(protocol, reports) / "report.tex"
+
+
+def resources(proto: Protocol, kind: str) -> Resources:
+    """A protocol's resources for a kind of job (train / prepare / light); the defaults of
+    :class:`Resources` where the protocol names none."""
+    return proto.resources.get(kind) or Resources()
+
+
+def fetched_datasets(params: Params) -> list[str]:
+    """Datasets that are downloaded (``omniad data fetch``), not generated like the demo set."""
+    return [d for d, spec in params.datasets.items() if not (spec or {}).get("generated")]

@@ -9,11 +9,14 @@ import resource
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from omniad.grid import REPO
+#: The checkout, found from this file: importing omniad.grid for it would put grid.py in the
+#: code hash of every run (omniad/codehash.py), so any grid edit would retrain the grid.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def job_cpus() -> int:

@@ -10,7 +10,8 @@ FLOPs, cached), ``latex`` (escaping, templates, pdflatex), ``build`` (the comman
 
 from __future__ import annotations
 
-from omniad.report.build import ReportResult, build_report, cli, reports_root
+from omniad.grid import reports_root
+from omniad.report.build import ReportResult, build_report, cli
 from omniad.report.latex import ReportError
 
 __all__ = ["ReportError", "ReportResult", "build_report", "cli", "reports_root"]

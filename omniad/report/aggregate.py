@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omniad.grid import Params, Run, enumerate_runs, results_root, tables_of
+from omniad.grid import Params, Run, enumerate_runs, results_root, summary_file, tables_of
 from omniad.report.latex import ReportError, write_atomic
 from omniad.selection import SELECTIONS, selected
 
@@ -306,7 +306,7 @@ def write_products(col: Collection, costs: dict[tuple[str, str], dict],
     base = (results or results_root()) / col.protocol
     out = {
         "aggregate": write_atomic(base / "aggregate.csv", aggregate_csv(col)),
-        "summary": write_atomic(base / "summary.json",
+        "summary": write_atomic(summary_file(col.protocol, results),
                                 json.dumps(summary(col), indent=1, sort_keys=False) + "\n"),
     }
     for table in axis_tables(col.params):

@@ -13,10 +13,9 @@ from typing import Any
 from omniad.grid import Params
 from omniad.report.aggregate import Collection, paper_row
 from omniad.report.latex import TeX, escape, num, render
+from omniad.report.tables import dataset_name, paper_reference_dataset
 
 RELEASED = "easyoo/Omni-AD @ d85c5f4"
-PAPER_IMAGE_SIZE = 256
-PAPER_EPOCHS = 500
 
 FACTS: list[dict[str, str]] = [
     {"id": "a", "topic": "Training epochs",
@@ -114,9 +113,10 @@ def markup(text: str) -> TeX:
                        for i, p in enumerate(parts)))
 
 
-def _omniad_model(params: Params, protocol: str) -> dict[str, Any]:
-    """Omni-AD's model config for this protocol (class defaults, methods.yaml, overrides)."""
-    spec = params.methods.get("omniad")
+def _ablation_model(params: Params, protocol: str) -> dict[str, Any]:
+    """The ablation method's model config for this protocol (class defaults, its yaml,
+    overrides): the facts above are about Omni-AD, the method params/grid.yaml ablates."""
+    spec = params.methods.get(params.grid.ablation_method)
     if spec is None:
         return {}
     base: dict[str, Any] = {}
@@ -145,18 +145,20 @@ def caveats(col: Collection) -> list[TeX]:
               if proto.random_encoder_bn == "train" else "its BatchNorm statistics left at init")
         out.append(TeX("Randomly initialised encoder, " + bn + ": no pretrained weights can be "
                        f"fetched offline{escape(seen)}."))
-    if proto.image_size != PAPER_IMAGE_SIZE:
+    setup = col.params.paper["setup"]
+    if proto.image_size != setup["image_size"]:
         out.append(TeX(rf"Images of {proto.image_size}$\times${proto.image_size}\,px, not "
-                       rf"{PAPER_IMAGE_SIZE}$\times${PAPER_IMAGE_SIZE}."))
+                       rf"{setup['image_size']}$\times${setup['image_size']}."))
     short = {d: e for d, e in proto.epochs.items() if e < 100}
     if short:
         out.append(TeX("Few epochs: " + escape(", ".join(f"{d} {e}" for d, e in short.items()))
-                       + f" (paper: {PAPER_EPOCHS})."))
+                       + f" (paper: {setup['epochs']})."))
     paper_sets = set(col.params.paper.get("table1") or {})
     other = [d for d in proto.datasets if d not in paper_sets]
     if other:
+        ref = dataset_name(paper_reference_dataset(col.params))
         out.append(TeX(escape(", ".join(other)) + ": not a dataset of the paper; tables set it "
-                       "beside the paper's MVTec-AD numbers for orientation only."))
+                       f"beside the paper's {escape(ref)} numbers for orientation only."))
     if out:
         out.append(TeX("These numbers check that the pipeline runs end to end; they say nothing "
                        "about the paper's claims."))
@@ -166,7 +168,7 @@ def caveats(col: Collection) -> list[TeX]:
 def _now(fact: str, col: Collection, complexity: list[dict]) -> TeX | None:
     params, protocol = col.params, col.protocol
     proto = params.protocol(protocol)
-    model = _omniad_model(params, protocol)
+    model = _ablation_model(params, protocol)
     if fact == "a":
         eps = ", ".join(f"{d} {e}" for d, e in proto.epochs.items())
         return escape(f"{protocol}: {eps} epochs.")

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniad.data.manifest import provenance
-from omniad.grid import REPO, Params, data_root, load_params, results_root
+from omniad.grid import (
+    Params,
+    data_root,
+    load_params,
+    report_dir,
+    report_table_file,
+    report_tex_file,
+    results_root,
+)
 from omniad.report import aggregate as agg
 from omniad.report.audit import caveats, encoder_weights, render_audit
 from omniad.report.claims import render_claims
@@ -30,11 +38,6 @@ from omniad.report.latex import (
 )
 from omniad.report.stats import stats_csv
 from omniad.report.tables import dataset_name, render_complexity, render_table
-
-
-def reports_root() -> Path:
-    """reports/ of this checkout, or $OMNIAD_REPORTS."""
-    return Path(os.environ.get("OMNIAD_REPORTS", REPO / "reports"))
 
 
 @dataclass
@@ -133,7 +136,7 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
     protocol = protocol or params.default_protocol
     params.protocol(protocol)  # validates the name
     results = results or results_root()
-    folder = (reports or reports_root()) / protocol
+    folder = report_dir(protocol, reports)
     col = agg.collect(params, protocol, results, selection)
     out = ReportResult(protocol, folder, len(col.results), len(col.found), len(col.missing))
     log(f"omniad report {protocol}: {out.found} of {out.planned} runs found, {out.missing} missing"
@@ -157,7 +160,8 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
     tables = folder / "tables"
     out.files.append(write_atomic(tables / "macros.tex", render("macros.tex.j2")))
     for t in params.grid.table_order:
-        out.files.append(write_atomic(tables / f"{t}.tex", render_table(col, t, costs)))
+        out.files.append(write_atomic(report_table_file(protocol, t, reports),
+                                      render_table(col, t, costs)))
     out.files.append(write_atomic(tables / "complexity.tex",
                                   render_complexity(params, protocol, complexity, problem)))
     out.files.append(write_atomic(tables / "audit.tex", render_audit(col, complexity)))
@@ -173,7 +177,7 @@ def build_report(protocol: str | None = None, *, params: Params | None = None, p
     out.files += [figdir / k for k in sorted(keep)]
 
     git = git if git is not None else _git_state()
-    tex = write_atomic(folder / "report.tex",
+    tex = write_atomic(report_tex_file(protocol, reports),
                        render("report.tex.j2", **report_context(col, figures, git)))
     out.files.append(tex)
     log(f"tables, figures and report.tex in {folder}")

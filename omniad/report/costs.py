@@ -15,25 +15,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omniad.grid import REPO, Params, results_root
+from omniad.codehash import builder_module, fingerprint
+from omniad.grid import Params, results_root
 from omniad.report.latex import write_atomic
 
 CACHE_NAME = "complexity.json"
 
 
 def cache_key(params: Params) -> str:
-    h = hashlib.sha256()
-    files = sorted((REPO / "omniad" / "models").rglob("*.py")) + [REPO / "omniad" / "complexity.py"]
-    for f in files:
-        h.update(f.relative_to(REPO).as_posix().encode())
-        h.update(f.read_bytes())
+    """The code that builds and counts the models (omniad/codehash.py: normalised source, so a
+    comment edit keeps the cache) and every params entry the rows are made of."""
+    from omniad.complexity import cost_tables
+
+    ablation = params.grid.ablation_method
+    spec = params.methods[ablation]
+    tables = cost_tables(params)
     shaping = {
-        "rows": {t: params.grid.tables[t].rows for t in ("table4", "table6", "table7")
-                 if t in params.grid.tables},
-        "omniad": params.methods["omniad"].model if "omniad" in params.methods else {},
+        "code": fingerprint("omniad.complexity", builder_module(spec.builder or "")),
+        "method": ablation, "model": spec.model,
+        "rows": {t: params.grid.tables[t].rows for t in tables},
+        "paper": {t: params.paper.get(t) for t in [*tables, "released_counts"]},
     }
-    h.update(json.dumps(shaping, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _rows_of(data: Any) -> list[dict]:

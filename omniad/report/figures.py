@@ -130,12 +130,14 @@ def qualitative_entries(col: Collection, dataset: str) -> list[tuple[str, Path]]
 
 
 def variant_entries(col: Collection) -> list[tuple[str, Path]]:
-    """Every Omni-AD variant on the ablation dataset that left samples (first seed each)."""
+    """Every variant of the ablation method on the ablation dataset that left samples (first
+    seed each)."""
     ds = col.params.protocol(col.protocol).ablation_dataset
+    method = col.params.grid.ablation_method
     seen, out = set(), []
     for rr in col.results:
         r = rr.run
-        if r.dataset != ds or r.method != "omniad" or r.variant in seen or rr.samples is None:
+        if r.dataset != ds or r.method != method or r.variant in seen or rr.samples is None:
             continue
         seen.add(r.variant)
         label = "default" if r.variant == "default" else "; ".join(

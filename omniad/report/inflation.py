@@ -17,9 +17,9 @@ from omniad.report.aggregate import METRICS, Collection
 from omniad.report.latex import DASH, TeX, escape, num, render, signed
 from omniad.report.tables import (
     METRIC_HEADER,
-    PAPER_REFERENCE_DATASET,
     SEVEN,
     dataset_name,
+    paper_reference_dataset,
 )
 
 SELECTION_NAMES = {"final": "final model",
@@ -40,7 +40,7 @@ def inflation_rows(col: Collection) -> list[dict[str, Any]]:
     paper_t = params.paper.get(table) or {}
     out = []
     for ds in params.protocol(col.protocol).datasets:
-        ref = ds if ds in paper_t else PAPER_REFERENCE_DATASET
+        ref = ds if ds in paper_t else paper_reference_dataset(params)
         for m in params.implemented():
             seeds = col.cell(table, m, ds)
             if not seeds:

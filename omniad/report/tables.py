@@ -20,9 +20,6 @@ from omniad.report.latex import DASH, TeX, escape, num, render, signed
 from omniad.report.stats import LEVEL, Claim, Interval, row_stats, table_claims
 
 ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X")
-#: The paper ran its ablations on MVTec-AD; a dataset the paper lacks (the demo set) is set
-#: beside the paper's MVTec-AD numbers, with a note.
-PAPER_REFERENCE_DATASET = "mvtec_ad"
 DATASET_NAMES = {"mvtec_ad": "MVTec-AD", "visa": "VisA", "real_iad": "Real-IAD", "demo": "Demo set"}
 METRIC_HEADER = {
     "image_auroc": "AU-ROC", "image_ap": "AP", "image_f1max": r"F1\textsubscript{max}",
@@ -254,6 +251,12 @@ def _method_by_label(params) -> dict[str, str]:
     return {spec.label: key for key, spec in params.methods.items()}
 
 
+def paper_reference_dataset(params) -> str:
+    """The paper's ablation dataset (params/paper.yaml): a dataset the paper lacks (the demo
+    set) is set beside the paper's numbers on it, with a note."""
+    return params.paper["ablation_dataset"]
+
+
 def table_methods(col: Collection, table: str) -> TableModel:
     params = col.params
     proto = params.protocol(col.protocol)
@@ -267,7 +270,7 @@ def table_methods(col: Collection, table: str) -> TableModel:
     stand_in = []
     all_entries: list[Entry] = []
     for ds in proto.datasets:
-        ref = ds if ds in paper_t1 else PAPER_REFERENCE_DATASET
+        ref = ds if ds in paper_t1 else paper_reference_dataset(params)
         title = escape(dataset_name(ds))
         if ref != ds:
             stand_in.append(ds)
@@ -305,7 +308,7 @@ def table_methods(col: Collection, table: str) -> TableModel:
     if stand_in:
         names = ", ".join(escape(dataset_name(d)) for d in stand_in)
         extra.append(TeX(f"{names}: not in the paper; set beside the paper's "
-                         f"{escape(dataset_name(PAPER_REFERENCE_DATASET))} numbers for orientation "
+                         f"{escape(dataset_name(paper_reference_dataset(params)))} numbers for orientation "
                          "only (different data)."))
     model.notes = _notes(all_entries, extra)
     model.caption = TeX(
@@ -401,11 +404,13 @@ def table_ablation(col: Collection, table: str,
             rank_column([e.ours[j] for e in block.entries if e.span_text is None])
     model.blocks.append(block)
     extra = []
-    if ds != PAPER_REFERENCE_DATASET:
+    paper_ds = paper_reference_dataset(col.params)
+    if ds != paper_ds:
         extra.append(TeX(f"Ours on {escape(dataset_name(ds))}; the paper's ablations are on "
-                         f"{escape(dataset_name(PAPER_REFERENCE_DATASET))}."))
+                         f"{escape(dataset_name(paper_ds))}."))
     if with_costs:
-        extra.append(TeX(r"Params/FLOPs: ours counted with fvcore at 256$\times$256 (one "
+        size = col.params.paper["setup"]["image_size"]
+        extra.append(TeX(rf"Params/FLOPs: ours counted with fvcore at {size}$\times${size} (one "
                          r"multiply-add = one FLOP, encoder included); brackets: relative "
                          r"difference to the paper. Ranking marks the mAD column only."))
     if excluded:
@@ -469,7 +474,7 @@ def default_paper_costs(params, protocol: str) -> dict:
     """The paper's params/FLOPs of Omni-AD's default: from the first ablation row that *is*
     the default variant (found through :func:`omniad.grid.tables_of`)."""
     proto = params.protocol(protocol)
-    run = Run(protocol=protocol, dataset=proto.ablation_dataset, method="omniad",
+    run = Run(protocol=protocol, dataset=proto.ablation_dataset, method=params.grid.ablation_method,
               variant="default", seed=proto.seeds_for("ablation")[0])
     for table, row in tables_of(params, run):
         entry = paper_row(params, table, row)
@@ -487,7 +492,7 @@ def complexity_context(params, protocol: str, rows: list[dict], problem: str | N
         table, row = r["table"], str(r["row"])
         if table == "default":
             paper = default_paper
-            name = TeX(r"Omni-AD (default)")
+            name = TeX(escape(params.methods[params.grid.ablation_method].label) + " (default)")
             tname = TeX("--")
         else:
             paper = paper_row(params, table, row) or {}
@@ -506,7 +511,11 @@ def complexity_context(params, protocol: str, rows: list[dict], problem: str | N
                     "params_diff": rel(pm, ppm),
                     "flops": escape(num(fg, 1) or "--"), "paper_flops": escape(num(pfg, 1) or "--"),
                     "flops_diff": rel(fg, pfg)})
-    return {"rows": out, "problem": problem}
+    from omniad.complexity import cost_tables
+
+    return {"rows": out, "problem": problem, "image_size": params.paper["setup"]["image_size"],
+            "paper_default_params": escape(num(default_paper.get("params_m"), 1) or "--"),
+            "tables": ", ".join(roman(params, t) for t in cost_tables(params))}
 
 
 def render_complexity(params, protocol: str, rows: list[dict], problem: str | None) -> str:

@@ -57,11 +57,12 @@ targets() {  # targets WORKDIR RESULTS
 import os
 import sys
 
-from omniad.grid import run_dir
+from omniad.grid import METRICS_FILE, load_params, run_dir
 
 protocol, *variants = sys.argv[1:]
+method = load_params().grid.ablation_method
 for v in variants:
-    print(os.path.relpath(run_dir(protocol, "demo", "omniad", v, 42) / "metrics.json"))
+    print(os.path.relpath(run_dir(protocol, "demo", method, v, 42) / METRICS_FILE))
 EOF
   )
 }
@@ -109,8 +110,9 @@ sacct -j "$train_job" -o JobID,JobName%36,Partition,Account,User,NodeList,AllocC
 # The same runs of the local demo DAG (make test leaves them in results/demo).
 REF=$REPO/results
 missing=0
-for v in "${VARIANTS[@]}"; do
-  [[ -s $REF/$PROTOCOL/runs/demo/omniad/$v/seed42/metrics.json ]] || missing=1
+mapfile -t REF_FILES < <(targets "$REPO" "$REF")
+for f in "${REF_FILES[@]}"; do
+  [[ -s $REPO/$f ]] || missing=1
 done
 if ((missing)); then
   log "no local demo results in $REF; running the same targets locally (no Slurm)"
@@ -126,11 +128,14 @@ import json
 import sys
 from pathlib import Path
 
+from omniad.grid import METRICS_FILE, load_params, run_dir
+
 slurm, local, protocol, *variants = sys.argv[1:]
+method = load_params().grid.ablation_method
 bad = 0
 for v in variants:
-    rel = Path(protocol, "runs", "demo", "omniad", v, "seed42", "metrics.json")
-    a, b = (json.loads((Path(root) / rel).read_text()) for root in (slurm, local))
+    a, b = (json.loads((run_dir(protocol, "demo", method, v, 42, Path(root)) / METRICS_FILE)
+                       .read_text()) for root in (slurm, local))
     for key in ("mean", "per_category"):
         if a[key] != b[key]:
             bad += 1

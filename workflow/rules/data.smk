@@ -1,13 +1,14 @@
 # Datasets: fetch (or generate the demo) -> check -> resized cache.
 
 from omniad.data.fetch import trust_option
+from omniad.grid import fetched_datasets
 
 
 rule fetch:
     output:
-        rel(data_root("{dataset}") / MANIFEST),
+        rel(manifest_file("{dataset}")),
     wildcard_constraints:
-        dataset="mvtec_ad|visa|real_iad|dtd",
+        dataset="|".join(fetched_datasets(PARAMS)),  # params/datasets.yaml, less the generated
     params:
         # only for archives with neither a pinned hash nor a lock entry (Real-IAD's first
         # fetch); the lock written then (params/checksums/) verifies every later fetch
@@ -21,19 +22,19 @@ rule fetch:
 
 rule demo_data:
     output:
-        rel(data_root("demo") / MANIFEST),
+        rel(manifest_file("demo")),
     resources:
         mem_mb=res("prepare", "mem_mb"),
         runtime=res("prepare", "runtime"),
     shell:
-        f"omniad data demo --root {rel(data_root('demo'))}"
+        f"omniad data demo --root {rel(manifest_file('demo').parent)}"
 
 
 rule check:
     input:
-        rel(data_root("{dataset}") / MANIFEST),
+        rules.fetch.output,  # or demo_data's: the same file pattern, made for "demo"
     output:
-        rel(results_root() / PROTOCOL / "checks" / "{dataset}.txt"),
+        rel(check_file(PROTOCOL, "{dataset}")),
     resources:
         mem_mb=res("prepare", "mem_mb"),
         runtime=res("prepare", "runtime"),
@@ -44,10 +45,10 @@ rule check:
 
 rule cache:
     input:
-        manifest=rel(data_root("{dataset}") / MANIFEST),
-        check=rel(results_root() / PROTOCOL / "checks" / "{dataset}.txt"),
+        manifest=rules.fetch.output[0],
+        check=rules.check.output[0],
     output:
-        rel(cache_dir("{dataset}", SIZE) / CACHE_KEY),
+        rel(cache_key_file("{dataset}", SIZE)),
     threads: res("prepare", "cpus")
     resources:
         cpus_per_task=res("prepare", "cpus"),
@@ -56,3 +57,10 @@ rule cache:
     shell:
         "omniad data cache {wildcards.dataset} --root $(dirname {input.manifest})"
         " --size " + str(SIZE) + " --out $(dirname {output})"
+
+
+rule caches:
+    """The resized cache of every dataset of the protocol: the DVC data stage's target."""
+    localrule: True
+    input:
+        expand(rules.cache.output[0], dataset=PROTO.datasets),

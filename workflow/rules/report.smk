@@ -5,27 +5,25 @@ import os
 import shutil
 from pathlib import Path
 
+from omniad.grid import dvc_summary_dir, report_table_file, report_tex_file
+
 #: The protocol's summary and plots under a path that names no protocol (beside results/):
 #: dvc.yaml's metrics and plots, so `dvc metrics show` / `dvc exp show` read whichever
 #: protocol params/protocols.yaml selects. Not git-ignored: DVC keeps metrics in git.
-SUMMARY = results_root().parent / "summary"
-
-
-def report_outputs():
-    base = rel(REPO_REPORTS / PROTOCOL)
-    tables = [f"{base}/tables/{t}.tex" for t in PARAMS.grid.table_order]
-    return tables + [f"{base}/report.tex", rel(results_root() / PROTOCOL / "summary.json")]
+SUMMARY = dvc_summary_dir()
 
 
 def report_products():
-    return report_outputs() + [rel(SUMMARY / "metrics.json")]
+    return [*rules.report.output, *rules.summary.output]
 
 
 rule report:
     input:
-        all_metrics(),
+        run_files(rules.evaluate.output[0]),
     output:
-        report_outputs(),
+        *[rel(report_table_file(PROTOCOL, t)) for t in PARAMS.grid.table_order],
+        rel(report_tex_file(PROTOCOL)),
+        summary=rel(summary_file(PROTOCOL)),
     resources:
         mem_mb=res("light", "mem_mb"),
         runtime=res("light", "runtime"),
@@ -37,15 +35,15 @@ rule summary:
     """Copy the protocol's summary.json and plots/ to summary/ for DVC (see SUMMARY)."""
     localrule: True
     input:
-        rel(results_root() / PROTOCOL / "summary.json"),
+        rules.report.output.summary,
     output:
-        rel(SUMMARY / "metrics.json"),
+        rel(SUMMARY / METRICS_FILE),
     params:
         protocol=PROTOCOL,  # another protocol's copy is replaced even when it is newer
     run:
         plots, tmp = SUMMARY / "plots", SUMMARY / "plots.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        source = results_root() / PROTOCOL / "plots"
+        source = summary_file(PROTOCOL).parent / "plots"
         if source.is_dir():
             shutil.copytree(source, tmp)
         else:

@@ -3,15 +3,22 @@
 # profile's `retries`) or a Slurm requeue resumes from the checkpoint (omniad/engine/train.py).
 # The `config` / `code` params are hashes of the resolved run config and of the code each job
 # runs: Snakemake reruns a job whose params changed, so editing params/ or a model file reruns
-# exactly the runs it affects (with `dvc repro` too).
+# exactly the runs it affects (with `dvc repro` too); a comment or docstring edit, or an edit
+# of omniad/grid.py that leaves the resolved configs alone, reruns nothing (omniad/codehash.py).
+
+
+def dataset_cache(wc):
+    """The resized cache a feature job reads (rules.cache.output for its run's dataset)."""
+    dataset = RUN_BY_KEY[FEATURE_RUN[wc.name]].dataset
+    return expand(rules.cache.output[0], dataset=dataset)
 
 
 rule features:
     """The frozen encoder's features of a whole training set, once per feature key."""
     input:
-        lambda wc: rel(cache_dir(RUN_BY_KEY[FEATURE_RUN[wc.name]].dataset, SIZE) / CACHE_KEY),
+        dataset_cache,
     output:
-        rel(features_root() / "{name}" / "features.json"),
+        rel(features_file("{name}")),
     params:
         run=lambda wc: FEATURE_RUN[wc.name],
     threads: res("train", "cpus")
@@ -21,17 +28,25 @@ rule features:
         runtime=res("train", "runtime"),
         cpus_per_task=res("train", "cpus"),
     log:
-        rel(features_root() / "{name}.log"),
+        rel(features_file("{name}").parent.with_suffix(".log")),
     shell:
         "OMP_NUM_THREADS={threads} omniad features {params.run} > {log} 2>&1"
         " || (tail -n 40 {log}; exit 1)"
+
+
+def run_inputs(wc):
+    """What a training job reads: the resized images (rules.cache.output), and its feature
+    cache (rules.features.output) if any."""
+    out = expand(rules.cache.output[0], dataset=wc.dataset)
+    name = FEATURE_OF.get(run_key(wc))
+    return out + (expand(rules.features.output[0], name=name) if name else [])
 
 
 rule train:
     input:
         run_inputs,
     output:
-        run_file("model.pt"),
+        run_file(MODEL_FILE),
     params:
         key=run_key,
         config=run_config,
@@ -51,9 +66,9 @@ rule train:
 
 rule evaluate:
     input:
-        run_file("model.pt"),
+        rules.train.output,
     output:
-        run_file("metrics.json"),
+        run_file(METRICS_FILE),
     params:
         key=run_key,
         config=run_config,
@@ -72,21 +87,21 @@ rule evaluate:
         + " > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
 
 
-def tracked():
-    """The MLflow sync's marker when the protocol logs at the end (tracking: at_end)."""
-    return [rel(results_root() / PROTOCOL / "mlflow-synced")] if PROTO.tracking == "at_end" else []
-
-
 rule track:
     """Log every finished run to MLflow in one job (protocol tracking: at_end); runs already
     logged are skipped (omniad/tracking.py), so a rerun after new results logs only those."""
     localrule: True
     input:
-        all_metrics(),
+        run_files(rules.evaluate.output[0]),
     output:
-        touch(rel(results_root() / PROTOCOL / "mlflow-synced")),
+        touch(rel(tracked_file(PROTOCOL))),
     shell:
         f"omniad track sync --protocol {PROTOCOL}"
+
+
+def tracked():
+    """The MLflow sync's marker when the protocol logs at the end (tracking: at_end)."""
+    return rules.track.output if PROTO.tracking == "at_end" else []
 
 
 rule metrics:
@@ -94,5 +109,5 @@ rule metrics:
     `--until evaluate`, it regenerates a missing metrics.json even when the report exists)."""
     localrule: True
     input:
-        all_metrics(),
+        run_files(rules.evaluate.output[0]),
         tracked(),
