@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from omniad.models.baselines.mambaad import selective_scan_fast, selective_scan_ref
+from omniad.models.layers.selective_scan import selective_scan_fast, selective_scan_ref
 
 SHAPES = [(64, 64), (256, 64), (1024, 64), (4096, 64), (64, 128), (256, 128), (1024, 128),
           (4096, 128)]

@@ -35,9 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from omniad.engine import optim as optim_builders
 from omniad.engine.checkpoint import seed_everything
 from omniad.engine.runtime import Runtime
-from omniad.grid import _import, load_params
+from omniad.grid import load_params
+from omniad.methods import method_class
 from omniad.models.encoder import FrozenBackbone
 
 #: MVTec-AD training images and the released configs' epochs: the projected run.
@@ -70,17 +72,14 @@ def _peak_mib(device: torch.device) -> float:
 def build(method: str, size: int, device: torch.device) -> tuple[Any, dict[str, Any]]:
     spec = load_params().methods[method]
     model_cfg = {**spec.model, "pretrained": False}  # the released model, at `size` px
-    fields = _import(spec.builder).config_class.model_fields
+    fields = method_class(method).config_class.model_fields
     if "image_size" in fields:
         model_cfg["image_size"] = size
     if "grid" in fields:  # MambaAD's scan grid: input size / 32
         model_cfg["grid"] = size // 32
     seed_everything(42)
-    model = _import(spec.builder)(**model_cfg).to(device)
-    optim = dict(spec.optim)
-    if "lr_batch" in optim:
-        optim["lr"] = optim["lr"] * spec.batch_size / optim["lr_batch"]
-    return model, optim
+    model = method_class(method)(**model_cfg).to(device)
+    return model, spec.optim.scaled(spec.batch_size).to_dict()
 
 
 def write_feature_cache(model: Any, pool: torch.Tensor, folder: Path, dtype: Any) -> list[np.ndarray]:
@@ -115,7 +114,7 @@ class Loop:
         else:
             batches = [pool[idx] for idx in batches]
         self.batches = batches
-        self.opts, self.scheds = self.model.configure_optimizers(optim_cfg, 10_000)
+        self.opts, self.scheds = self.model.configure_optimizers(optim_cfg, 10_000, optim_builders)
         self.clip = optim_cfg.get("clip_grad")
         self.bb = getattr(self.model, self.model.cached_backbone)
         self.model.train()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+PROTOCOL_HELP = "protocol of params/protocols.yaml (default: its 'default', e.g. demo)"
 
 
 def _complexity(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +42,10 @@ def _features(sub: argparse._SubParsersAction) -> None:
 
 def _grid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="the experiment grid of params/")
-    p.add_argument("what", choices=["runs", "count", "check", "cost"])
-    p.add_argument("--protocol", default=None)
+    p.add_argument("what", choices=["runs", "count", "check", "cost"],
+                   help="runs: one run key a line; count: how many; check: validate params/ "
+                        "(every file, model block and override); cost: device time of the grid")
+    p.add_argument("--protocol", default=None, help=PROTOCOL_HELP)
     p.add_argument("--throughput", default=None, help="cost: benchmarks/train_throughput.py "
                    "--json output (default results/throughput.json when present)")
     p.add_argument("--images-per-s", type=float, default=None,
@@ -71,15 +76,16 @@ def _grid(sub: argparse._SubParsersAction) -> None:
 
 def _track(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("track", help="MLflow: create the store, sync results written offline")
-    p.add_argument("what", choices=["init", "sync"])
-    p.add_argument("--protocol", default=None)
+    p.add_argument("what", choices=["init", "sync"],
+                   help="init: create the MLflow store; sync: log finished runs not yet there")
+    p.add_argument("--protocol", default=None, help=PROTOCOL_HELP)
     p.set_defaults(func=lambda a: __import__("omniad.tracking", fromlist=["x"]).cli(a))
 
 
 def _report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="aggregate results, write LaTeX tables, figures, PDF")
-    p.add_argument("--protocol", default=None)
-    p.add_argument("--no-pdf", action="store_true")
+    p.add_argument("--protocol", default=None, help=PROTOCOL_HELP)
+    p.add_argument("--no-pdf", action="store_true", help="tables and figures only, no LaTeX run")
     p.add_argument("--selection", choices=["final", "released-max"], default="final",
                    help="what the tables show: the final model (default) or the released "
                         "trainers' per-metric maximum over the evaluations")
@@ -88,14 +94,15 @@ def _report(sub: argparse._SubParsersAction) -> None:
 
 def _weights(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("weights", help="fetch / check pretrained encoder weights (local cache)")
-    p.add_argument("what", choices=["fetch", "check"])
+    p.add_argument("what", choices=["fetch", "check"],
+                   help="fetch: download and verify into the local cache; check: verify only")
     p.add_argument("tags", nargs="*", help="timm tags, e.g. resnet34.bt_in1k (default: all used)")
     p.set_defaults(func=lambda a: __import__("omniad.weights", fromlist=["x"]).cli(a))
 
 
 def _where(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("where", help="what a protocol has produced and where; what is missing")
-    p.add_argument("--protocol", default=None)
+    p.add_argument("--protocol", default=None, help=PROTOCOL_HELP)
     p.set_defaults(func=lambda a: __import__("omniad.where", fromlist=["x"]).main(a.protocol))
 
 
@@ -117,8 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad params print their one-line message (no traceback), exit 2; a
+    closed stdout (``| head``) ends quietly with 0."""
+    from omniad.grid import ParamsError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader left (e.g. `| head -1`): as the Python docs advise, point stdout at
+        # devnull so the interpreter's final flush does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return code
 
 
 if __name__ == "__main__":

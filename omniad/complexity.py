@@ -12,7 +12,7 @@ import json
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from omniad.grid import Params, _import, load_params
+from omniad.grid import Params, load_params
 
 if TYPE_CHECKING:  # torch is imported where models are built: the report's cache key
     from torch import nn  # (cost_tables) needs no torch
@@ -39,7 +39,9 @@ def count_flops(model: nn.Module, size: int = 256) -> int:
 
 def build(params: Params, method: str, overrides: dict[str, Any]) -> nn.Module:
     spec = params.methods[method]
-    return _import(spec.builder)(**{**spec.model, **overrides, "pretrained": False})
+    from omniad.methods import method_class  # imports torch: only where models are built
+
+    return method_class(method, params)(**{**spec.model, **overrides, "pretrained": False})
 
 
 def cost_tables(params: Params) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from omniad.codehash import evaluate_code, train_code
+from omniad.optim_config import OptimConfig
+from omniad.params_errors import explain, nearest, shown, unknown_key
+from omniad.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,8 +146,8 @@ class Method(_Strict):
     status: Literal["implemented", "cited", "planned"]
     builder: str | None = None
     model: dict[str, Any] = {}
-    batch_size: int = 16
-    optim: dict[str, Any] = {}
+    batch_size: int = Field(16, gt=0)
+    optim: OptimConfig | None = None  # required when implemented
     sources: dict[str, str] = {}
     # {topic: which reference this method follows for it, and what the others do}; listed
     # in the report's audit (learning-rate schedule, clipping, weight decay, stepping, ...)
@@ -154,6 +158,8 @@ class Method(_Strict):
     def _builder_when_implemented(self) -> Method:
         if self.status == "implemented" and not self.builder:
             raise ValueError("an implemented method needs a builder 'module:callable'")
+        if self.status == "implemented" and self.optim is None:
+            raise ValueError("an implemented method needs an optim block")
         return self
 
 
@@ -187,15 +193,18 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _validate(model: type[BaseModel], data: Any, where: str) -> Any:
+def _validate(model: type[BaseModel], data: Any, where: Path, prefix: str = "") -> Any:
+    """``model`` from ``data``, or a one-line ParamsError: file, key path, nearest valid key."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{where}: invalid params"]
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}")
-        raise ParamsError("\n".join(lines)) from None
+        raise ParamsError(explain(exc, where, model, prefix)) from None
+
+
+def _unknown(where: Path, path: str, what: str, name: str, known: Iterable[str]) -> ParamsError:
+    """``file: key.path: unknown <what> 'x' (did you mean 'y'?)`` for a name params refer to."""
+    return ParamsError(f"{shown(where)}: {path}: unknown {what} {name!r}"
+                       f"{nearest(str(name), [str(k) for k in known])}")
 
 
 class Params:
@@ -203,7 +212,10 @@ class Params:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        proto_raw = _read_yaml(self.root / "protocols.yaml")
+        proto_file = self.root / "protocols.yaml"
+        proto_raw = _read_yaml(proto_file)
+        if (bad := unknown_key(proto_raw, ["default", "protocols"], proto_file)) is not None:
+            raise ParamsError(bad)
         self.default_protocol: str = proto_raw.get("default", "demo")
         self.protocols: dict[str, Protocol] = {}
         raw = proto_raw.get("protocols") or {}
@@ -212,51 +224,81 @@ class Params:
             parent = merged.pop("inherit", None)
             if parent is not None:
                 if parent not in raw:
-                    raise ParamsError(f"{self.root / 'protocols.yaml'}: {name}.inherit: "
-                                      f"unknown protocol {parent!r}")
+                    raise _unknown(proto_file, f"protocols.{name}.inherit", "protocol", parent, raw)
                 merged = {**raw[parent], **merged}
-            self.protocols[name] = _validate(Protocol, merged, f"protocols.yaml: {name}")
+            self.protocols[name] = _validate(Protocol, merged, proto_file, f"protocols.{name}")
         files = sorted((self.root / "methods").glob("*.yaml"))
         if not files:
             raise ParamsError(f"{self.root / 'methods'}: no method files (one YAML per method)")
         self.methods: dict[str, Method] = {
-            f.stem: _validate(Method, _read_yaml(f), f"methods/{f.name}") for f in files
+            f.stem: _validate(Method, _read_yaml(f), f) for f in files
         }
-        self.grid: Grid = _validate(Grid, _read_yaml(self.root / "grid.yaml"), "grid.yaml")
+        self.grid: Grid = _validate(Grid, _read_yaml(self.root / "grid.yaml"), self.root / "grid.yaml")
         order = [m for t in self.grid.tables.values() for m in t.methods]
         self.methods = dict(sorted(self.methods.items(), key=lambda kv: (
             order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
         self.paper: dict = _read_yaml(self.root / "paper.yaml")
         self.datasets: dict = _read_yaml(self.root / "datasets.yaml").get("datasets", {})
         self._check_refs()
+        self._check_model_blocks()
+
+    def _check_model_blocks(self) -> None:
+        """Each method's ``model`` block, alone and with each protocol override, and each
+        ablation row, against the method's config class (``config_class`` of its builder)."""
+        for name, spec in self.methods.items():
+            cfg_cls = getattr(_import(spec.builder), "config_class", None) if spec.builder else None
+            if cfg_cls is None:
+                continue
+            where = self.root / "methods" / f"{name}.yaml"
+            _validate(cfg_cls, spec.model, where, "model")
+            for proto, over in spec.protocol_overrides.items():
+                if proto not in self.protocols:
+                    raise _unknown(where, "protocol_overrides", "protocol", proto, self.protocols)
+                _validate(cfg_cls, {**spec.model, **over}, where, f"protocol_overrides.{proto}")
+        ablation = self.methods.get(self.grid.ablation_method)  # rows are its overrides
+        if ablation is None or not ablation.builder:
+            return
+        row_cls = getattr(_import(ablation.builder), "config_class", None)
+        for tname, table in self.grid.tables.items():
+            for row, over in table.rows.items() if row_cls else ():
+                _validate(row_cls, {**ablation.model, **over}, self.root / "grid.yaml",
+                          f"tables.{tname}.rows.{row}")
 
     def _check_refs(self) -> None:
+        pfile, gfile = self.root / "protocols.yaml", self.root / "grid.yaml"
+        if self.default_protocol not in self.protocols:
+            raise _unknown(pfile, "default", "protocol", self.default_protocol, self.protocols)
         for pname, proto in self.protocols.items():
+            at = f"protocols.{pname}"
             for ds in proto.datasets:
                 if ds not in self.datasets:
-                    raise ParamsError(f"protocols.yaml: {pname}.datasets: unknown dataset {ds!r}"
-                                      f" (known: {sorted(self.datasets)})")
+                    raise _unknown(pfile, f"{at}.datasets", "dataset", ds, self.datasets)
             for m in proto.methods:
                 if m not in self.methods:
-                    raise ParamsError(f"protocols.yaml: {pname}.methods: unknown method {m!r}"
-                                      f" (known: {sorted(self.methods)})")
+                    raise _unknown(pfile, f"{at}.methods", "method", m, self.methods)
             for table, rows in proto.exclude_rows.items():
                 known = self.grid.tables.get(table)
-                if known is None or any(r not in known.rows for r in rows):
-                    raise ParamsError(f"protocols.yaml: {pname}.exclude_rows.{table}: unknown "
-                                      f"table or row {rows}")
+                if known is None:
+                    raise _unknown(pfile, f"{at}.exclude_rows", "table", table, self.grid.tables)
+                for r in rows:
+                    if r not in known.rows:
+                        raise _unknown(pfile, f"{at}.exclude_rows.{table}", "row", r, known.rows)
         ablation = self.grid.ablation_method
-        if ablation not in self.methods or self.methods[ablation].status != "implemented":
-            raise ParamsError(f"{self.root / 'grid.yaml'}: ablation_method: {ablation!r} is not "
-                              f"an implemented method (implemented: {self.implemented()})")
+        if ablation not in self.methods:
+            raise _unknown(gfile, "ablation_method", "method", ablation, self.methods)
+        if self.methods[ablation].status != "implemented":
+            raise ParamsError(f"{shown(gfile)}: ablation_method: {ablation!r} is "
+                              f"{self.methods[ablation].status}, not implemented (implemented: "
+                              f"{', '.join(self.implemented())})")
         for t in self.grid.table_order:
             if t not in self.grid.tables:
-                raise ParamsError(f"grid.yaml: table_order names unknown table {t!r}")
+                raise _unknown(gfile, "table_order", "table", t, self.grid.tables)
 
     def protocol(self, name: str | None = None) -> Protocol:
         name = name or self.default_protocol
         if name not in self.protocols:
-            raise ParamsError(f"unknown protocol {name!r}; known: {sorted(self.protocols)}")
+            raise ParamsError(f"unknown protocol {name!r}{nearest(name, list(self.protocols))}; "
+                              f"known: {sorted(self.protocols)}")
         return self.protocols[name]
 
     def implemented(self) -> list[str]:
@@ -398,7 +440,8 @@ def _import(spec: str) -> Any:
 # --------------------------------------------------------------------------------------------
 # The resolved configuration of one run (what the engine trains and what gets hashed).
 # --------------------------------------------------------------------------------------------
-def resolve_run(params: Params, run: Run) -> dict[str, Any]:
+def resolve_run(params: Params, run: Run) -> RunConfig:
+    """The typed configuration of one run (``RunConfig.as_dict()`` is what gets hashed)."""
     proto = params.protocol(run.protocol)
     spec = params.methods[run.method]
     if spec.status != "implemented":
@@ -408,10 +451,8 @@ def resolve_run(params: Params, run: Run) -> dict[str, Any]:
         model["pretrained"] = False
     epochs, proto_batch, evaluate_every = proto.schedule(run.method, run.dataset)
     batch = proto_batch or spec.batch_size
-    optim = dict(spec.optim)
-    if "lr_batch" in optim:
-        optim["lr"] = optim["lr"] * batch / optim["lr_batch"]
-    return {
+    assert spec.optim is not None  # Method requires it when implemented
+    return RunConfig.model_validate({
         "run": run.key,
         "protocol": run.protocol,
         "dataset": run.dataset,
@@ -434,12 +475,15 @@ def resolve_run(params: Params, run: Run) -> dict[str, Any]:
         "gpu_options": {"bf16": proto.bf16, "channels_last": proto.channels_last,
                         "compile": proto.compile_backend if proto.compile else False},
         "workers": proto.workers,
-        "optim": optim,
+        "optim": spec.optim.scaled(batch),
         "categories": params.datasets[run.dataset].get("categories"),
-    }
+    })
 
 
-def config_hash(cfg: dict[str, Any]) -> str:
+def config_hash(cfg: RunConfig | dict[str, Any]) -> str:
+    """16 hex digits of the run's config (as recorded: ``RunConfig.as_dict()``)."""
+    if isinstance(cfg, RunConfig):
+        cfg = cfg.as_dict()
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -466,7 +510,7 @@ def cache_dir(dataset: str, size: int) -> Path:
     return Path(os.environ.get("OMNIAD_CACHE", REPO / "cache")) / f"{dataset}-{size}"
 
 
-def feature_key(cfg: dict[str, Any]) -> dict[str, Any] | None:
+def feature_key(cfg: RunConfig) -> dict[str, Any] | None:
     """Everything a run's cached encoder features depend on, or None when the run reads images
     (cache off, or a method whose backbone input is not cacheable). Runs with equal keys share
     one feature cache: the dataset and its categories at this size, the backbone (class,
@@ -474,9 +518,9 @@ def feature_key(cfg: dict[str, Any]) -> dict[str, Any] | None:
     BatchNorm calibration, the storage precision, the code and library versions that compute
     them. The engine also checks the built
     encoder's state fingerprint against the cache's, so what the key misses cannot pass."""
-    if cfg.get("feature_cache", "off") == "off":
+    if cfg.feature_cache == "off":
         return None
-    spec = _import(cfg["builder"]).backbone_spec(cfg["model"])
+    spec = _import(cfg.builder).backbone_spec(cfg.model)
     if spec is None:
         return None
     kwargs = dict(spec["kwargs"])
@@ -491,10 +535,10 @@ def feature_key(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
     from omniad.codehash import fingerprint
 
-    return {"dataset": cfg["dataset"], "categories": cfg.get("categories"),
-            "image_size": cfg["image_size"], "backbone": {**spec, "kwargs": kwargs},
-            "init_seed": cfg["seed"] if random_init else None,
-            "encoder_bn": cfg["encoder_bn"], "dtype": cfg["feature_cache"],
+    return {"dataset": cfg.dataset, "categories": cfg.categories,
+            "image_size": cfg.image_size, "backbone": {**spec, "kwargs": kwargs},
+            "init_seed": cfg.seed if random_init else None,
+            "encoder_bn": cfg.encoder_bn, "dtype": cfg.feature_cache,
             # the code that computes them (the backbone's module and what it imports) and
             # the libraries whose kernels do: an edit or an upgrade recomputes them
             "code": fingerprint(str(spec["class"]).partition(":")[0], "omniad.engine.features"),

@@ -82,7 +82,7 @@ def estimate(params: Params, protocol: str, throughput: Path | None = None,
                 f", x{scale:.3g} for {proto.image_size} px)" if scale != 1 else ")")
         elif images_per_s:
             ips, source = images_per_s, "--images-per-s"
-        epochs = resolve_run(params, run)["epochs"]  # per-method schedules included
+        epochs = resolve_run(params, run).epochs  # per-method schedules included
         hours = images * epochs / ips / 3600 if ips and images else None
         rows.append({"run": run.key, "epochs": epochs, "images": images,
                      "images_per_s": ips, "source": source, "gpu_hours": hours})

@@ -8,6 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from omniad.complexity import count_flops, count_params
+from omniad.engine import optim as optim_builders
 from omniad.models.baselines.rd4ad import RD4AD
 from omniad.models.baselines.rlr import RLR, ReferenceLayer, mca_mask, nsa_mask
 from omniad.models.baselines.uniad import UniAD, neighbour_mask
@@ -223,16 +224,17 @@ def test_rlr_layer_has_no_residual_from_its_input() -> None:
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["rd4ad", "uniad", "rlr"])
 def test_params_file_builds_the_demo_model(method: str) -> None:
-    from omniad.grid import Run, _import, load_params, resolve_run
+    from omniad.grid import Run, load_params, resolve_run
+    from omniad.methods import create_method
 
     params = load_params()
     cfg = resolve_run(params, Run(protocol="demo", dataset="demo", method=method,
                                   variant="default", seed=42))
-    model = _import(cfg["builder"])(**cfg["model"]).eval()
-    size = cfg["image_size"]
+    model = create_method(method, **cfg.model).eval()
+    size = cfg.image_size
     maps, scores = model.predict(torch.randn(2, 3, size, size))
     assert maps.shape == (2, size, size) and scores.shape == (2,)
-    opts, scheds = model.configure_optimizers(cfg["optim"], 10)
+    opts, scheds = model.configure_optimizers(cfg.optim.to_dict(), 10, optim_builders)
     assert len(opts) == len(scheds) == 1
     assert all(p.requires_grad for g in opts[0].param_groups for p in g["params"])
 

@@ -76,7 +76,7 @@ def test_cached_features_equal_the_models_encoder_output(two_epochs, tmp_path) -
     _set_protocol(two_epochs, feature_cache="float16")
     _build()
     cfg = resolve_run(load_params(), parse_run_key(KEY))
-    ds = CachedDataset(cache_dir("demo", cfg["image_size"]), "train", cfg["categories"])
+    ds = CachedDataset(cache_dir("demo", cfg.image_size), "train", cfg.categories)
     cache = FeatureCache(cfg, len(ds))
     model = build_model(cfg)
     cache.attach(model, fresh=True)
@@ -133,19 +133,20 @@ def test_different_encoder_state_never_shares_features(two_epochs, tmp_path) -> 
     cfg = resolve_run(params, parse_run_key(KEY))
     key = feature_key(cfg)
     # another seed -> another random init -> another cache; calibration and precision too
-    other_seed = {**cfg, "seed": 7}
+    other_seed = cfg.model_copy(update={"seed": 7})
     assert features_dir(feature_key(other_seed)) != features_dir(key)
-    assert features_dir(feature_key({**cfg, "encoder_bn": "init"})) != features_dir(key)
-    assert features_dir(feature_key({**cfg, "feature_cache": "float16"})) != features_dir(key)
+    assert features_dir(feature_key(cfg.model_copy(update={"encoder_bn": "init"}))) != features_dir(key)
+    assert features_dir(feature_key(cfg.model_copy(update={"feature_cache": "float16"}))) != features_dir(key)
     # every Omni-AD variant (tokens, depths...) shares its encoder's features
-    assert feature_key({**cfg, "model": {**cfg["model"], "tokens": 16}}) == key
+    assert feature_key(cfg.model_copy(update={"model": {**cfg.model, "tokens": 16}})) == key
     # DeSTSeg's teacher also sees augmented images: it reads images
-    assert feature_key({**cfg, "builder": "omniad.models.baselines.destseg:DeSTSeg"}) is None
+    assert feature_key(cfg.model_copy(
+        update={"builder": "omniad.models.baselines.destseg:DeSTSeg"})) is None
     # a model whose encoder is not the cached one (other init) is refused, not fed
     _build()
     n = json.loads((features_dir(key) / "features.json").read_text())["images"]
     cache = FeatureCache(cfg, n)
-    wrong = build_model({**cfg, "seed": 7})
+    wrong = build_model(cfg.model_copy(update={"seed": 7}))
     with pytest.raises(FeatureCacheError, match="not the encoder these features came from"):
         cache.attach(wrong, fresh=True)
 
@@ -172,7 +173,7 @@ def test_every_cacheable_method_steps_on_fed_features(method, tiny_env) -> None:
     params = load_params()
     run = Run(protocol="demo", dataset="demo", method=method, variant="default", seed=42)
     cfg = resolve_run(params, run)
-    size = cfg["image_size"]
+    size = cfg.image_size
     images = torch.randn(4, 3, size, size)
     losses, grads = [], []
     for fed in (False, True):

@@ -98,7 +98,8 @@ def test_a_plain_seed_list_means_every_table(tmp_path: Path) -> None:
     assert proto.seeds_for("methods") == proto.seeds_for("ablation") == [1, 2]
     protos["protocols"]["demo"]["seeds"] = {"methods": [], "ablation": [1]}
     (tmp_path / "protocols.yaml").write_text(yaml.safe_dump(protos))
-    with pytest.raises(ParamsError, match=r"protocols.yaml: demo(.|\n)*seeds.methods"):
+    with pytest.raises(ParamsError, match=r"protocols.yaml: protocols.demo.seeds.methods: "
+                                          r"List should have at least 1 item"):
         Params(tmp_path)
 
 
@@ -154,7 +155,8 @@ def test_bad_params_name_file_and_field(tmp_path: Path) -> None:
     protos = yaml.safe_load((tmp_path / "protocols.yaml").read_text())
     protos["protocols"]["demo"]["image_size"] = -4
     (tmp_path / "protocols.yaml").write_text(yaml.safe_dump(protos))
-    with pytest.raises(ParamsError, match=r"protocols.yaml: demo(.|\n)*image_size"):
+    with pytest.raises(ParamsError, match=r"protocols.yaml: protocols.demo.image_size: "
+                                          r"Input should be greater than 0 \(got -4\)$"):
         Params(tmp_path)
     protos["protocols"]["demo"]["image_size"] = 64
     protos["protocols"]["demo"]["datasets"] = ["mnist"]

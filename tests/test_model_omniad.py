@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
-from omniad.models.omniad import OmniAD, OmniADConfig
+from omniad.models.omniad import OmniAD, OmniADConfig, TokenAttention
 
 # Official counts (fvcore on the released code, encoder included; DESIGN.md).
 OFFICIAL_PARAMS_M = {
@@ -94,10 +96,12 @@ def test_resampled_ffn_registers_nothing_and_is_random_once_tokens_move() -> Non
     _randomise_tokens(model)
     with torch.no_grad():
         c, d = model(x)[1][0], model(x)[1][0]
-    assert not torch.allclose(c, d)
+    assert (c - d).abs().max() > 1e-3  # moved tokens: each call's fresh FFN shows
+    # zero tokens: every slot's output is constant over positions, which the block's
+    # InstanceNorm removes, so the fresh FFN draws change nothing but rounding
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-5)
     learned = OmniAD(pretrained=False, depths=(1, 1, 1, 1), ffn="learned")
     assert n_params(learned) > n_params(model)
-    assert a.shape == b.shape
 
 
 def test_learned_ffn_is_deterministic_under_a_seed() -> None:
@@ -114,12 +118,95 @@ def test_learned_ffn_is_deterministic_under_a_seed() -> None:
         assert torch.equal(x, y) and torch.equal(y, z)
 
 
-def test_decoder_outputs_match_encoder_scales() -> None:
-    model = OmniAD(pretrained=False, depths=(1, 1, 1, 1)).eval()
+def _attention_by_hand(slot: TokenAttention, x: torch.Tensor, ffn: tuple | None) -> torch.Tensor:
+    """One slot from the module docstring's formulas, with einsum on the slot's own weights.
+
+    ``ffn``: None (``ffn: none``) or the (w1, b1, w2, b2) of the Linear-SiLU-Linear."""
+    b, h, w, c = x.shape
+    heads, d = slot.heads, c // slot.heads
+    seq = x.reshape(b, h * w, c)
+    tok = slot.tokens.expand(b, -1, -1) if slot.mode != "self" else None
+    q_in = tok if slot.mode == "q" else seq
+    kv_in = tok if slot.mode == "kv" else seq
+    q = (q_in @ slot.q.weight.T + slot.q.bias).reshape(b, -1, heads, d)
+    kv = kv_in @ slot.kv.weight.T + slot.kv.bias
+    k, v = kv[..., :c].reshape(b, -1, heads, d), kv[..., c:].reshape(b, -1, heads, d)
+    attn = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d), dim=-1)
+    if slot.mode != "self":
+        attn = attn + slot.pe  # added after the softmax, as released
+    out = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(b, -1, c)
+    if ffn is not None:
+        w1, b1, w2, b2 = ffn
+        out = F.silu(out @ w1.T + b1) @ w2.T + b2
+    if slot.mode == "q":
+        t = math.isqrt(slot.n_tokens)
+        grid = out.reshape(b, t, t, c)
+        rows = torch.arange(h) * t // h  # nearest: source index floor(i * t / h)
+        cols = torch.arange(w) * t // w
+        return grid[:, rows][:, :, cols]
+    return out.reshape(b, h, w, c)
+
+
+def _learned(slot: TokenAttention) -> tuple:
+    return (slot.ffn[0].weight, slot.ffn[0].bias, slot.ffn[2].weight, slot.ffn[2].bias)
+
+
+@pytest.mark.parametrize("mode", ["q", "kv", "self"])
+@pytest.mark.parametrize("ffn", ["learned", "resampled", "none"])
+def test_attention_slot_equals_the_formulas_by_hand(mode: str, ffn: str) -> None:
+    torch.manual_seed(0)
+    slot = TokenAttention(32, 4, mode, 16, ffn).double()  # float64: differences are the code's
     with torch.no_grad():
-        ft, fs = model(torch.randn(1, 3, 64, 64))
-    assert [t.shape for t in ft] == [s.shape for s in fs]
+        for p in slot.parameters():
+            p.normal_(0, 0.5)  # tokens, pe and biases non-zero: every term shows
+        x = torch.randn(2, 6, 6, 32, dtype=torch.float64)
+        torch.manual_seed(7)
+        got = slot(x)
+        if ffn == "resampled":  # the released draw: fc1 then fc2, default init, same seed
+            torch.manual_seed(7)
+            fc1, fc2 = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+            weights = tuple(t.double() for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias))
+        else:
+            weights = _learned(slot) if ffn == "learned" else None
+        want = _attention_by_hand(slot, x, weights)
+    assert got.shape == want.shape == x.shape
+    assert torch.allclose(got, want, atol=1e-10, rtol=1e-10), (got - want).abs().max()
+
+
+def _block_by_hand(block, x: torch.Tensor) -> torch.Tensor:
+    """x + l2(SiLU(IN(l(global + local)))): global a1 = A1(x) + x, A2(a1) + a1 + x."""
+    g = block.global_branch
+    a1 = _attention_by_hand(g.attn1, x, _learned(g.attn1)) + x
+    glob = _attention_by_hand(g.attn2, a1, _learned(g.attn2)) + a1 + x
+    loc = block.local_branch(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    y = (glob + loc) @ block.l.weight.T + block.l.bias
+    mu, var = y.mean(dim=(1, 2), keepdim=True), y.var(dim=(1, 2), unbiased=False, keepdim=True)
+    y = (y - mu) / torch.sqrt(var + 1e-5)  # non-affine InstanceNorm over H, W
+    return x + F.silu(y) @ block.l2.weight.T + block.l2.bias
+
+
+def test_decoder_outputs_equal_the_blocks_by_hand_at_the_encoder_scales() -> None:
+    torch.manual_seed(0)
+    model = OmniAD(pretrained=False, depths=(1, 1, 1, 1), ffn="learned").eval().double()
+    _randomise_tokens(model)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ft, fs = model(x)
+        feats = model.encoder(x)
+        h = model.neck(feats).permute(0, 2, 3, 1)  # eval: jitter at scale 0 changes nothing
+        want = []
+        for i in range(4):
+            if i:
+                h = model.decoder.ups[i](h)
+            h = _block_by_hand(model.decoder.stages[i][0], h)
+            if i:
+                want.insert(0, h.permute(0, 3, 1, 2))
     assert [t.shape[1] for t in ft] == [64, 128, 256]
+    assert [t.shape for t in ft] == [s.shape for s in fs] == [w.shape for w in want]
+    for t, f in zip(ft, feats, strict=True):
+        assert torch.equal(t, f)
+    for s, w in zip(fs, want, strict=True):
+        assert torch.allclose(s, w, atol=1e-9, rtol=1e-9), (s - w).abs().max()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from omniad.engine import optim as optim_builders
 from omniad.engine.optim import build_scheduler, param_groups
 from omniad.grid import Params, ParamsError, load_params
 from omniad.selection import released_max
@@ -29,9 +30,9 @@ def _tiny_setup(tiny_env):
 
     cfg = resolve_run(load_params(), parse_run_key(KEY))
     rt = Runtime.create("cpu", 0, False, False, config_hash(cfg))
-    cache = cache_dir("demo", cfg["image_size"])
-    return (cfg, rt, CachedDataset(cache, "train", cfg["categories"]),
-            CachedDataset(cache, "test", cfg["categories"]))
+    cache = cache_dir("demo", cfg.image_size)
+    return (cfg, rt, CachedDataset(cache, "train", cfg.categories),
+            CachedDataset(cache, "test", cfg.categories))
 
 
 def test_periodic_evaluation_leaves_the_final_weights_bit_identical(tiny_env, tmp_path) -> None:
@@ -40,7 +41,7 @@ def test_periodic_evaluation_leaves_the_final_weights_bit_identical(tiny_env, tm
     from omniad.engine.train import train
 
     cfg, rt, train_ds, test_ds = _tiny_setup(tiny_env)
-    assert cfg["epochs"] == 3 and cfg["evaluate_every"] == 1
+    assert cfg.epochs == 3 and cfg.evaluate_every == 1
 
     # not vacuous: an evaluation draws random numbers (re-drawn FFNs, the eval jitter)
     probe = build_model(cfg)
@@ -50,7 +51,7 @@ def test_periodic_evaluation_leaves_the_final_weights_bit_identical(tiny_env, tm
 
     out = {}
     for every in (0, 1):
-        c = {**cfg, "evaluate_every": every}
+        c = cfg.model_copy(update={"evaluate_every": every})
         model = build_model(c)
         ev = periodic_evaluator(test_ds, c, rt) if every else None
         d = tmp_path / f"every{every}"
@@ -165,7 +166,7 @@ def test_protocol_schedules(monkeypatch, protocol, dataset, method, epochs, batc
     monkeypatch.delenv("OMNIAD_PARAMS", raising=False)
     load_params.cache_clear()
     cfg = _cfg(protocol, dataset, method)
-    assert (cfg["epochs"], cfg["batch_size"], cfg["evaluate_every"]) == (epochs, batch, every)
+    assert (cfg.epochs, cfg.batch_size, cfg.evaluate_every) == (epochs, batch, every)
 
 
 def test_a_schedule_for_an_unknown_method_is_refused(tmp_path) -> None:
@@ -262,9 +263,9 @@ def test_simplenet_constant_lr_separate_clipping_and_no_decay_on_biases_and_bn(m
 
     monkeypatch.delenv("OMNIAD_PARAMS", raising=False)
     load_params.cache_clear()
-    optim = load_params().methods["simplenet"].optim
+    optim = load_params().methods["simplenet"].optim.to_dict()
     model = SimpleNet(pretrained=False, hold_full_backbone=False)
-    opts, _ = model.configure_optimizers(optim, total_steps=10)
+    opts, _ = model.configure_optimizers(optim, 10, optim_builders)
     start = [g["lr"] for o in opts for g in o.param_groups]
     assert _lrs_after(opts, optim, 10, 9) == start  # no x0.1 at 80%
     # clipped separately: adaptor and discriminator, each to norm 5
@@ -296,9 +297,9 @@ def test_destseg_constant_lr_and_student_biases_and_bn_not_decayed(monkeypatch) 
 
     monkeypatch.delenv("OMNIAD_PARAMS", raising=False)
     load_params.cache_clear()
-    optim = load_params().methods["destseg"].optim
+    optim = load_params().methods["destseg"].optim.to_dict()
     model = DeSTSeg(pretrained=False, textures="package")
-    opts, _ = model.configure_optimizers(optim, total_steps=10)
+    opts, _ = model.configure_optimizers(optim, 10, optim_builders)
     start = [g["lr"] for o in opts for g in o.param_groups]
     assert _lrs_after(opts, optim, 10, 9) == start
     student = opts[0]
@@ -328,7 +329,7 @@ def test_rlr_released_stepping_is_the_official_per_level_loop() -> None:
     ref.load_state_dict(ours.state_dict())
     images = [torch.randn(2, 3, 64, 64) for _ in range(3)]
     optim = {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8}
-    opts, _ = ours.configure_optimizers(optim, total_steps=3)
+    opts, _ = ours.configure_optimizers(optim, 3, optim_builders)
     ref_opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=1e-3)
     torch.manual_seed(1)
     for step, x in enumerate(images):
@@ -350,7 +351,7 @@ def test_rlr_released_stepping_is_the_official_per_level_loop() -> None:
     from omniad.models.baselines.rlr import RLR
 
     summed = RLR(pretrained=False, image_size=64, windows=(5, 3), layers=1, stepping="summed")
-    opts2, _ = summed.configure_optimizers(optim, total_steps=3)
+    opts2, _ = summed.configure_optimizers(optim, 3, optim_builders)
     summed.train().optimization_step(images[0], 0, opts2, None, contextlib.nullcontext)
     assert {int(s["step"]) for s in opts2[0].state.values()} == {1}
 
@@ -360,12 +361,12 @@ def test_hilbert_order_is_the_official_one_for_grids_2_to_64() -> None:
     (numpy-hilbert-curve), flattened as loc[0] + loc[1] * n; identical, not a reflection."""
     import numpy as np
 
-    import omniad.models.baselines.mambaad as mambaad
+    import omniad.models.layers.scan_orders as orders
 
     hilbert = pytest.importorskip("hilbert")
     for bits in range(1, 7):
         n = 2 ** bits
         locs = hilbert.decode(np.arange(n * n), 2, bits)
         official = locs[:, 0].astype(np.int64) + locs[:, 1].astype(np.int64) * n
-        assert np.array_equal(official, mambaad.hilbert_order(n)), n
-    assert "identical" in mambaad.__doc__ and "reflection" not in mambaad.__doc__
+        assert np.array_equal(official, orders.hilbert_order(n)), n
+    assert "identical" in orders.__doc__ and "reflection" not in orders.__doc__

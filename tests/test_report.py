@@ -49,7 +49,9 @@ def _tiny_params(dest: Path) -> Path:
     for m in ("uniad", "simplenet"):  # two more 'implemented' methods (built as Omni-AD)
         path = dest / "methods" / f"{m}.yaml"
         spec = yaml.safe_load(path.read_text())
-        spec.update(status="implemented", builder="omniad.models.omniad:OmniAD")
+        # their model blocks are checked against the builder's config class: Omni-AD's defaults
+        spec.update(status="implemented", builder="omniad.models.omniad:OmniAD", model={},
+                    protocol_overrides={})
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
     for m in ("rd4ad", "rlr", "destseg", "mambaad"):  # exercise the 'planned' path
         path = dest / "methods" / f"{m}.yaml"

@@ -40,6 +40,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from omniad.atomic import install_tree, remove_stale, tmp_sibling, write_json_atomic
+from omniad.constants import IMAGENET_MEAN, IMAGENET_STD
 from omniad.data.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from omniad.data.params import Params, dataset_facts, load_params, resolve_categories
 from omniad.data.readers import read_samples
@@ -49,8 +50,6 @@ CACHE_FORMAT = 1
 KEY_NAME = "cache_key.json"
 INDEX_NAME = "index.json"
 SOURCES_NAME = "sources.json"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_RESIZE = "PIL decode -> torchvision resize bilinear antialias=True on uint8"
 Log = Callable[[str], None]
 

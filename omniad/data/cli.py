@@ -101,6 +101,8 @@ def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
         except DatasetError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # the reader left (`| head`): omniad.cli.main ends quietly
+            raise
         except OSError as exc:
             print(f"error: {os_error_line(exc)}", file=sys.stderr)
             return 2
@@ -119,7 +121,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                                 required=True)
 
     p = sub.add_parser("fetch", help="download (or take --source), verify, extract, record")
-    p.add_argument("dataset", choices=FETCHABLE)
+    p.add_argument("dataset", choices=FETCHABLE, help="which dataset to fetch")
     p.add_argument("--root", type=Path, required=True, help="the dataset's own directory")
     p.add_argument("--url", help="archive URL (one-archive datasets) or base URL")
     p.add_argument("--source", type=Path,
@@ -137,8 +139,8 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_guarded(_cmd_fetch))
 
     p = sub.add_parser("check", help="validate layout, pairing, decoding and counts")
-    p.add_argument("dataset", choices=CHECKABLE)
-    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("dataset", choices=CHECKABLE, help="which dataset to check")
+    p.add_argument("--root", type=Path, required=True, help="the dataset's own directory")
     p.add_argument("--categories", nargs="+", help="check only these (no total counts)")
     p.add_argument("--variant", help="Real-IAD resolution variant (default realiad_256)")
     p.add_argument("--views", nargs="+", help="Real-IAD camera views, e.g. C1 C3")
@@ -147,11 +149,11 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_guarded(_cmd_check))
 
     p = sub.add_parser("cache", help="resize everything once into memory-mappable arrays")
-    p.add_argument("dataset", choices=CHECKABLE)
-    p.add_argument("--root", type=Path, required=True)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("dataset", choices=CHECKABLE, help="which dataset to cache")
+    p.add_argument("--root", type=Path, required=True, help="the dataset's own directory")
+    p.add_argument("--size", type=int, default=256, help="square side in pixels (default 256)")
     p.add_argument("--out", type=Path, required=True, help="cache directory")
-    p.add_argument("--categories", nargs="+")
+    p.add_argument("--categories", nargs="+", help="cache only these categories (default: all)")
     p.add_argument("--variant", help="Real-IAD resolution variant (default realiad_256)")
     p.add_argument("--views", nargs="+", help="Real-IAD camera views, e.g. C1 C3")
     p.add_argument("--workers", type=int, help="decoding threads (default: usable CPUs)")
@@ -160,9 +162,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_guarded(_cmd_cache))
 
     p = sub.add_parser("demo", help="generate the embedded demo set (MVTec layout)")
-    p.add_argument("--root", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--root", type=Path, required=True, help="where to write the demo set")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the images (default 0)")
+    p.add_argument("--size", type=int, default=128, help="square side in pixels (default 128)")
     _common(p)
     p.set_defaults(func=_guarded(_cmd_demo))
 

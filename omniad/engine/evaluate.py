@@ -15,15 +15,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from omniad import constants
 from omniad.atomic import atomic_file
 from omniad.engine.checkpoint import rng_state, seed_everything, set_rng_state
 from omniad.engine.progress import Progress
 from omniad.engine.runtime import Runtime
 from omniad.metrics import CategoryAccumulator, mean_over_categories
 from omniad.models.base import ADMethod
+from omniad.run_config import RunConfig
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.array(constants.IMAGENET_MEAN, dtype=np.float32)
+IMAGENET_STD = np.array(constants.IMAGENET_STD, dtype=np.float32)
 #: Qualitative samples kept per category for the report's figure (anomalous first).
 SAMPLES_PER_CATEGORY = 2
 
@@ -33,11 +35,11 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def evaluate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime,
+def evaluate(model: ADMethod, dataset: Dataset, cfg: RunConfig, rt: Runtime,
              samples_path: Path | None = None) -> dict[str, Any]:
     """Per-category metrics, their mean, and timing; optional qualitative samples (.npz)."""
     model.to(rt.device).eval()
-    loader = DataLoader(dataset, batch_size=cfg["eval_batch_size"], shuffle=False,
+    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False,
                         num_workers=rt.workers, pin_memory=rt.device.type == "cuda")
     accs: dict[str, CategoryAccumulator] = {}
     per_category: dict[str, dict[str, float]] = {}
@@ -48,7 +50,7 @@ def evaluate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime
     metric_s = 0.0
     order: dict[str, int] = {}  # categories in order of appearance (the report's order)
     keep: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]] = {}
-    progress = Progress(f"eval {cfg['run']}", len(loader))
+    progress = Progress(f"eval {cfg.run}", len(loader))
     t0, n_images = time.perf_counter(), 0
     with torch.no_grad():
         for i, item in enumerate(loader):
@@ -130,7 +132,7 @@ def evaluation_record(epoch: int, result: dict[str, Any]) -> dict[str, Any]:
             "eval_wall_s": result["eval_wall_s"]}
 
 
-def periodic_evaluator(dataset: Dataset, cfg: dict[str, Any], rt: Runtime
+def periodic_evaluator(dataset: Dataset, cfg: RunConfig, rt: Runtime
                        ) -> Callable[[ADMethod, int], dict[str, Any]]:
     """An evaluation during training that does not perturb it.
 
@@ -142,11 +144,11 @@ def periodic_evaluator(dataset: Dataset, cfg: dict[str, Any], rt: Runtime
     def run(model: ADMethod, epoch: int) -> dict[str, Any]:
         saved = rng_state()
         try:
-            seed_everything(cfg["seed"])
-            result = evaluate(model, dataset, {**cfg, "run": f"{cfg['run']} @{epoch}"}, rt)
+            seed_everything(cfg.seed)
+            result = evaluate(model, dataset, cfg.model_copy(update={"run": f"{cfg.run} @{epoch}"}), rt)
         finally:
             set_rng_state(saved)
         m = result["mean"]
-        print(f"[eval] {cfg['run']} epoch {epoch}: mAD {100 * m['mad']:.1f}", flush=True)
+        print(f"[eval] {cfg.run} epoch {epoch}: mAD {100 * m['mad']:.1f}", flush=True)
         return evaluation_record(epoch, result)
     return run

@@ -41,6 +41,7 @@ from omniad.models.encoder import (
     calibrate_random_backbones,
     state_fingerprint,
 )
+from omniad.run_config import RunConfig
 
 META = "features.json"
 STATE = "backbone.pt"
@@ -56,13 +57,13 @@ def calibration_indices(n: int, images: int) -> list[int]:
     return torch.linspace(0, n - 1, min(n, images)).round().long().unique().tolist()
 
 
-def _uint8_cache_id(cfg: dict[str, Any]) -> str:
+def _uint8_cache_id(cfg: RunConfig) -> str:
     """Hash of the resized image cache's key file: features of a rebuilt cache are stale."""
-    path = cache_dir(cfg["dataset"], cfg["image_size"]) / "cache_key.json"
+    path = cache_dir(cfg.dataset, cfg.image_size) / "cache_key.json"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def build_features(cfg: dict[str, Any], device: str | None = None, batch: int = 32,
+def build_features(cfg: RunConfig, device: str | None = None, batch: int = 32,
                    log: Any = print) -> Path:
     """Compute the features of a run's feature key (no-op when present); returns the folder."""
     from omniad.data.cache import CachedDataset
@@ -70,20 +71,20 @@ def build_features(cfg: dict[str, Any], device: str | None = None, batch: int = 
 
     key = feature_key(cfg)
     if key is None:
-        raise FeatureCacheError(f"{cfg['run']}: feature cache off or method not cacheable")
+        raise FeatureCacheError(f"{cfg.run}: feature cache off or method not cacheable")
     out = features_dir(key)
     if (out / META).exists():
         log(f"[features] {out}: present")
         return out
     t0 = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    seed_everything(cfg["seed"])  # as build_model: a random backbone is drawn first
+    seed_everything(cfg.seed)  # as build_model: a random backbone is drawn first
     backbone = build_backbone(key["backbone"]).to(dev)
     init_fp = state_fingerprint(backbone)
-    dataset = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "train",
-                            cfg["categories"])
+    dataset = CachedDataset(cache_dir(cfg.dataset, cfg.image_size), "train",
+                            cfg.categories)
     n = len(dataset)
-    if cfg["encoder_bn"] == "train" and backbone.pretrained == "random":
+    if cfg.encoder_bn == "train" and backbone.pretrained == "random":
         idx = calibration_indices(n, CALIBRATION_IMAGES)
         calibrate_random_backbones(backbone, torch.stack([dataset[i]["image"] for i in idx]).to(dev))
     tmp = out.with_name(out.name + ".tmp")
@@ -112,7 +113,7 @@ def build_features(cfg: dict[str, Any], device: str | None = None, batch: int = 
     write_json_atomic(tmp / META, meta)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log(f"[features] {cfg['run']}: {n} images x {len(meta['shapes'])} scales "
+    log(f"[features] {cfg.run}: {n} images x {len(meta['shapes'])} scales "
         f"({meta['bytes'] / 2**20:.1f} MiB {key['dtype']}) in {meta['wall_s']:.1f}s -> {out}")
     return out
 
@@ -142,23 +143,23 @@ class FeatureDataset(Dataset):
 class FeatureCache:
     """A run's view of its feature cache: checks it belongs to the run, then feeds it."""
 
-    def __init__(self, cfg: dict[str, Any], n_images: int) -> None:
+    def __init__(self, cfg: RunConfig, n_images: int) -> None:
         key = feature_key(cfg)
         if key is None:
-            raise FeatureCacheError(f"{cfg['run']}: reads images (no feature cache)")
+            raise FeatureCacheError(f"{cfg.run}: reads images (no feature cache)")
         self.folder = features_dir(key)
         try:
             meta = json.loads((self.folder / META).read_text())
         except (OSError, ValueError) as exc:
             raise FeatureCacheError(f"{self.folder / META}: missing or unreadable; build it "
-                                    f"with `omniad features {cfg['run']}`") from exc
+                                    f"with `omniad features {cfg.run}`") from exc
         if meta.get("key") != json.loads(json.dumps(key)):
             raise FeatureCacheError(f"{self.folder / META}: written for another key")
         if meta["images"] != n_images or meta["image_cache"] != _uint8_cache_id(cfg):
             raise FeatureCacheError(f"{self.folder}: stale (image cache rebuilt since); "
                                     "delete it and rebuild")
         self.meta = meta
-        self.image_size = int(cfg["image_size"])
+        self.image_size = int(cfg.image_size)
         self.dataset = FeatureDataset(self.folder, meta["shapes"], n_images)
 
     @staticmethod

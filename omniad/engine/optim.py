@@ -1,11 +1,20 @@
-"""Optimizers and schedules from a params ``optim`` block (the released protocol's rules)."""
+"""Optimizers and schedules from a method's typed ``optim`` block (the released protocol's rules)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from omniad.optim_config import OptimConfig
+
+
+def as_optim_config(optim: OptimConfig | Mapping[str, Any]) -> OptimConfig:
+    """The typed block; a plain dict (a method's own sub-block, e.g. SimpleNet's adaptor) is
+    validated here, so a typo fails in the same words as at params load time."""
+    return optim if isinstance(optim, OptimConfig) else OptimConfig.model_validate(dict(optim))
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay_1d: bool) -> list[dict]:
@@ -22,27 +31,20 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay_1d: bool) -> l
             {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_optimizer(module: nn.Module, optim: dict[str, Any]) -> torch.optim.Optimizer:
-    name = optim.get("name", "adamw").lower()
-    lr = float(optim["lr"])
-    wd = float(optim.get("weight_decay", 0.0))
-    groups = param_groups(module, wd, bool(optim.get("no_decay_1d", False)))
-    if name in ("adamw", "adam"):
-        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        return cls(groups, lr=lr, betas=tuple(optim.get("betas", (0.9, 0.999))),
-                   eps=float(optim.get("eps", 1e-8)))
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=float(optim.get("momentum", 0.0)))
-    raise ValueError(f"optim.name {name!r} is not one of adamw, adam, sgd")
+def build_optimizer(module: nn.Module, optim: OptimConfig | Mapping[str, Any]) -> torch.optim.Optimizer:
+    cfg = as_optim_config(optim)
+    groups = param_groups(module, cfg.weight_decay, cfg.no_decay_1d)
+    if cfg.name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, optim: dict[str, Any],
+def build_scheduler(opt: torch.optim.Optimizer, optim: OptimConfig | Mapping[str, Any],
                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-iteration schedule; 'step' multiplies lr by gamma at a fraction of all iterations."""
-    sched = optim.get("schedule", {"name": "constant"})
-    if sched["name"] == "step":
-        milestone = max(1, int(total_steps * float(sched.get("at", 0.8))))
-        return torch.optim.lr_scheduler.MultiStepLR(opt, [milestone], float(sched.get("gamma", 0.1)))
-    if sched["name"] == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    raise ValueError(f"optim.schedule.name {sched['name']!r} is not one of step, constant")
+    sched = as_optim_config(optim).schedule
+    if sched.name == "step":
+        milestone = max(1, int(total_steps * sched.at))
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [milestone], sched.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)

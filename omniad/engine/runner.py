@@ -16,7 +16,6 @@ from omniad.engine.features import FeatureCache, build_features
 from omniad.engine.runtime import Runtime, git_state, package_versions
 from omniad.engine.train import evaluation_due, train
 from omniad.grid import (
-    _import,
     cache_dir,
     config_hash,
     feature_key,
@@ -24,28 +23,32 @@ from omniad.grid import (
     parse_run_key,
     resolve_run,
 )
+from omniad.methods import create_method
 from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenBackbone
+from omniad.run_config import RunConfig
 from omniad.selection import released_max
 
 
-def build_model(cfg: dict[str, Any]) -> ADMethod:
+def build_model(cfg: RunConfig) -> ADMethod:
     """The method's model, initialised from the run's seed (its random init is part of it)."""
-    seed_everything(cfg["seed"])
-    return _import(cfg["builder"])(**cfg["model"])
+    seed_everything(cfg.seed)
+    return create_method(cfg.method, **cfg.model)
 
 
 def _setup(key: str, device: str | None, bf16: bool, channels_last: bool
-           ) -> tuple[dict[str, Any], Path, Runtime]:
+           ) -> tuple[RunConfig, Path, Runtime]:
     run = parse_run_key(key)
     cfg = resolve_run(load_params(), run)
-    gpu = cfg["gpu_options"]  # the protocol's; the command-line flags can only add to them
-    gpu["bf16"], gpu["channels_last"] = gpu["bf16"] or bf16, gpu["channels_last"] or channels_last
-    rt = Runtime.create(device, cfg["workers"], gpu["bf16"], gpu["channels_last"],
-                        config_hash(cfg), gpu["compile"])
+    gpu = cfg.gpu_options  # the protocol's; the command-line flags can only add to them
+    gpu = gpu.model_copy(update={"bf16": gpu.bf16 or bf16,
+                                 "channels_last": gpu.channels_last or channels_last})
+    cfg = cfg.model_copy(update={"gpu_options": gpu})
+    rt = Runtime.create(device, cfg.workers, gpu.bf16, gpu.channels_last,
+                        config_hash(cfg), gpu.compile)
     run_dir = run.dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", {"config_hash": rt.config_hash, **cfg})
+    write_json_atomic(run_dir / "config.json", {"config_hash": rt.config_hash, **cfg.as_dict()})
     return cfg, run_dir, rt
 
 
@@ -56,14 +59,14 @@ def train_run(key: str, device: str | None = None, bf16: bool = False,
     if done is not None and done.get("config_hash") == rt.config_hash:
         print(f"[train] {key}: already trained ({run_dir / 'model.pt'})")
         return run_dir
-    dataset = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "train",
-                            cfg["categories"])
+    dataset = CachedDataset(cache_dir(cfg.dataset, cfg.image_size), "train",
+                            cfg.categories)
     model = build_model(cfg)
     features = FeatureCache(cfg, len(dataset)) if feature_key(cfg) is not None else None
     evaluator = None
-    if any(evaluation_due(cfg, e) for e in range(1, cfg["epochs"])):
-        test = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "test",
-                             cfg["categories"])
+    if any(evaluation_due(cfg, e) for e in range(1, cfg.epochs)):
+        test = CachedDataset(cache_dir(cfg.dataset, cfg.image_size), "test",
+                             cfg.categories)
         evaluator = periodic_evaluator(test, cfg, rt)
     summary = train(model, dataset, cfg, run_dir, rt, evaluator, features)
     print(f"[train] {key}: done in {summary['train_wall_s']:.1f}s, final loss "
@@ -81,16 +84,16 @@ def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
         raise RuntimeError(f"{run_dir / 'model.pt'}: trained under another config; retrain")
     model = build_model(cfg)
     model.load_state_dict(state["model"])
-    dataset = CachedDataset(cache_dir(cfg["dataset"], cfg["image_size"]), "test",
-                            cfg["categories"])
-    seed_everything(cfg["seed"])  # the released FFN draws random weights at test time too
+    dataset = CachedDataset(cache_dir(cfg.dataset, cfg.image_size), "test",
+                            cfg.categories)
+    seed_everything(cfg.seed)  # the released FFN draws random weights at test time too
     result = evaluate(model, dataset, cfg, rt, samples_path=run_dir / "samples.npz")
     train_info = _read_json(run_dir / "train.json")
     # every frozen backbone (an encoder, RD4AD's teacher, SimpleNet's trunk): its weights' tag
     weights = sorted({m.pretrained for m in model.modules() if isinstance(m, FrozenBackbone)})
     meta = {
-        "git": git_state(), "config": cfg, "config_hash": rt.config_hash, "seed": cfg["seed"],
-        "evaluate_code": evaluate_code(cfg["builder"]),
+        "git": git_state(), "config": cfg.as_dict(), "config_hash": rt.config_hash, "seed": cfg.seed,
+        "evaluate_code": evaluate_code(cfg.builder),
         "packages": package_versions(), "runtime": rt.describe(),
         "encoder_weights": "+".join(weights) if weights else None,
         "train_wall_s": train_info.get("train_wall_s"),
@@ -103,9 +106,9 @@ def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
     }
     # the periodic evaluations of training plus this, the final one (it counts, as released)
     history = _read_json(run_dir / "history.json")
-    evaluations = [*history.get("evaluations", []), evaluation_record(cfg["epochs"], result)]
-    out = {"run": key, "protocol": cfg["protocol"], "dataset": cfg["dataset"],
-           "method": cfg["method"], "variant": cfg["variant"], "seed": cfg["seed"],
+    evaluations = [*history.get("evaluations", []), evaluation_record(cfg.epochs, result)]
+    out = {"run": key, "protocol": cfg.protocol, "dataset": cfg.dataset,
+           "method": cfg.method, "variant": cfg.variant, "seed": cfg.seed,
            "mean": result["mean"], "per_category": result["per_category"],
            "evaluations": evaluations, "released_max": released_max(evaluations), "meta": meta}
     write_json_atomic(run_dir / "metrics.json", out)

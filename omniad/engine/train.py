@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from omniad.atomic import write_json_atomic
 from omniad.engine import PREEMPTED_EXIT
+from omniad.engine import optim as optim_builders
 from omniad.engine.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
@@ -32,6 +33,7 @@ from omniad.engine.progress import Progress
 from omniad.engine.runtime import Runtime
 from omniad.models.base import ADMethod
 from omniad.models.encoder import FrozenBackbone, calibrate_random_backbones
+from omniad.run_config import RunConfig
 
 
 class StopFlag:
@@ -66,7 +68,7 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
 CALIBRATION_IMAGES = 256
 
 
-def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtime,
+def calibrate(model: ADMethod, dataset: Dataset, cfg: RunConfig, rt: Runtime,
               skip: tuple[FrozenBackbone, ...] = ()) -> None:
     """Random encoders' BatchNorm statistics from training images (a pure function of the
     data); saved with the weights, hence also used on resume and at test time. ``skip``: a
@@ -77,23 +79,23 @@ def calibrate(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], rt: Runtim
     idx = calibration_indices(len(dataset), CALIBRATION_IMAGES)
     images = torch.stack([dataset[i]["image"] for i in idx]).to(rt.device)
     count = calibrate_random_backbones(model, images, skip=skip)
-    print(f"[train] {cfg['run']}: BatchNorm statistics of {count} random encoder(s) estimated "
+    print(f"[train] {cfg.run}: BatchNorm statistics of {count} random encoder(s) estimated "
           f"from {len(idx)} training images", flush=True)
 
 
-def evaluation_due(cfg: dict[str, Any], epoch: int) -> bool:
+def evaluation_due(cfg: RunConfig, epoch: int) -> bool:
     """A periodic evaluation after this (1-based) epoch? Every ``evaluate_every`` epochs, except
     the last: the final model is evaluated by ``omniad evaluate``, and that evaluation counts as
     one of them (the released trainers test at multiples of 20 and at the last epoch)."""
-    every = int(cfg.get("evaluate_every") or 0)
-    return every > 0 and epoch % every == 0 and epoch < cfg["epochs"]
+    every = cfg.evaluate_every
+    return every > 0 and epoch % every == 0 and epoch < cfg.epochs
 
 
 #: (model, epoch) -> one evaluation record; see omniad.engine.evaluate.periodic_evaluator.
 Evaluator = Callable[[ADMethod, int], dict[str, Any]]
 
 
-def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
+def train(model: ADMethod, dataset: Dataset, cfg: RunConfig, run_dir: Path,
           rt: Runtime, evaluator: Evaluator | None = None,
           features: FeatureCache | None = None) -> dict[str, Any]:
     """Train (or resume) one run; returns the training summary written to train.json.
@@ -104,17 +106,18 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
-    batch, epochs, seed = cfg["batch_size"], cfg["epochs"], cfg["seed"]
+    batch, epochs, seed = cfg.batch_size, cfg.epochs, cfg.seed
     n = len(dataset)
     steps_per_epoch = n // batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg['run']}: {n} training images < batch size {batch} (drop_last)")
+        raise ValueError(f"{cfg.run}: {n} training images < batch size {batch} (drop_last)")
     total = epochs * steps_per_epoch
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizers, schedulers = model.configure_optimizers(cfg["optim"], total)
-    clip = cfg["optim"].get("clip_grad")
+    # methods read their yaml's keys (a dict); build_optimizer validates them again
+    optimizers, schedulers = model.configure_optimizers(cfg.optim.to_dict(), total, optim_builders)
+    clip = cfg.optim.clip_grad
     evaluations: list[dict[str, Any]] = []
 
     state = load_checkpoint(ckpt_path)
@@ -137,19 +140,19 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
             features.attach(model, fresh=False)
         started_at = state.get("started_at", started_at)
         evaluations = list(state.get("evaluations", []))
-        print(f"[train] {cfg['run']}: resuming at epoch {start_epoch} iteration {start_iter}",
+        print(f"[train] {cfg.run}: resuming at epoch {start_epoch} iteration {start_iter}",
               flush=True)
     else:
         if features is not None:
             features.attach(model, fresh=True)
-        if cfg.get("encoder_bn") == "train":
+        if cfg.encoder_bn == "train":
             calibrate(model, dataset, cfg, rt, skip=(cached_bb,) if cached_bb else ())
     source = dataset if features is None else features.dataset
     rt.compile_modules(model)
 
     def write_history() -> None:
         write_json_atomic(run_dir / "history.json",
-                          {"run": cfg["run"], "epochs": history, "evaluations": evaluations})
+                          {"run": cfg.run, "epochs": history, "evaluations": evaluations})
 
     def save(epoch: int, it: int, epoch_losses: list[float]) -> None:
         atomic_torch_save({
@@ -163,7 +166,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
         }, ckpt_path)
         write_history()
 
-    progress = Progress(f"train {cfg['run']}", total, start=start_epoch * steps_per_epoch + start_iter)
+    progress = Progress(f"train {cfg.run}", total, start=start_epoch * steps_per_epoch + start_iter)
     model.train()
     t0 = time.perf_counter()
     images_seen, eval_s = 0, 0.0  # periodic evaluations: not training throughput
@@ -177,19 +180,19 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
                                 generator=torch.Generator(), persistent_workers=False)
             for it, item in enumerate(loader, start=first):
                 step = epoch * steps_per_epoch + it
-                with step_inputs(item, cached_bb, rt, cfg["image_size"]) as images:
+                with step_inputs(item, cached_bb, rt, cfg.image_size) as images:
                     terms = model.optimization_step(images, step, optimizers, clip, rt.autocast)
                 for s in schedulers:
                     s.step()
                 value = float(terms["loss"].detach())
                 if value != value:
-                    raise FloatingPointError(f"{cfg['run']}: loss is NaN at step {step}")
+                    raise FloatingPointError(f"{cfg.run}: loss is NaN at step {step}")
                 epoch_losses.append(value)
                 images_seen += images.shape[0]
                 progress.update(step + 1, f"epoch {epoch + 1}/{epochs} loss {value:.4f}")
                 if stop.signum is not None:
                     save(epoch, it + 1, epoch_losses)
-                    print(f"[train] {cfg['run']}: signal {stop.signum}, checkpointed at epoch "
+                    print(f"[train] {cfg.run}: signal {stop.signum}, checkpointed at epoch "
                           f"{epoch} iteration {it + 1}; exit {PREEMPTED_EXIT} to be requeued",
                           flush=True)
                     sys.exit(PREEMPTED_EXIT)
@@ -204,7 +207,7 @@ def train(model: ADMethod, dataset: Dataset, cfg: dict[str, Any], run_dir: Path,
                 if stop.signum is not None:  # a signal during the evaluation: keep it, go
                     save(epoch + 1, 0, [])
                     sys.exit(PREEMPTED_EXIT)
-            if (epoch + 1) % cfg["checkpoint_every"] == 0 and epoch + 1 < epochs:
+            if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < epochs:
                 save(epoch + 1, 0, [])
     progress.close()
     wall = elapsed + time.perf_counter() - t0

@@ -1,25 +1,59 @@
 """The small interface every method implements, so the engine has no method-specific branches.
 
-A method is an ``nn.Module`` that knows its forward pass, its training loss, its anomaly maps
-and its optimizers. The engine owns everything else (loop, checkpoints, tracking, metrics).
+A method is an ``nn.Module`` that knows its config class, its forward pass, its training
+loss, its anomaly maps and (when it differs from the default) its optimizers. The engine owns
+everything else (loop, checkpoints, tracking, metrics) and hands the method its optimizer
+builders, so nothing under ``omniad/models`` imports the engine, the grid or the data code.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+
+class NoConfig(BaseModel):
+    """The config of a method without switches: accepts no key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimBuilders(Protocol):
+    """What the engine passes to ``configure_optimizers`` (``omniad.engine.optim`` is one)."""
+
+    def param_groups(self, module: nn.Module, weight_decay: float, no_decay_1d: bool
+                     ) -> list[dict]: ...
+
+    def build_optimizer(self, module: nn.Module, optim: Any) -> torch.optim.Optimizer: ...
+
+    def build_scheduler(self, opt: torch.optim.Optimizer, optim: Any, total_steps: int
+                        ) -> torch.optim.lr_scheduler.LRScheduler: ...
+
+
+class DataAccess(Protocol):
+    """Files a method reads by itself (``omniad.data.files.DataFiles`` is one)."""
+
+    def dataset_root(self, dataset: str) -> Path: ...
+
+    def image_paths(self, dataset: str, root: Path, split: str) -> list[Path]: ...
 
 
 class ADMethod(nn.Module):
     """Base class of anomaly-detection methods trained and evaluated by ``omniad.engine``."""
 
-    #: Keys of the hyper-parameter block this method reads from params (for validation).
     name: str = "method"
+
+    #: The pydantic class of the method's ``model`` params block: its defaults are the
+    #: method's released model, and it validates every key (``extra="forbid"``).
+    config_class: ClassVar[type[BaseModel]] = NoConfig
+    cfg: BaseModel
 
     #: Attribute name of the frozen backbone whose output depends on the image alone (no
     #: augmentation, no second call), so the engine may compute it once for the whole
@@ -27,12 +61,27 @@ class ADMethod(nn.Module):
     #: (DeSTSeg's teacher also sees augmented images).
     cached_backbone: ClassVar[str | None] = None
 
+    def __init__(self, cfg: BaseModel | None = None, **overrides: Any) -> None:
+        """Sets ``self.cfg``: ``cfg`` (default: the config class's defaults) with ``overrides``
+        merged over it, validated by ``config_class`` (unknown keys and bad values raise)."""
+        super().__init__()
+        self.cfg = self.make_config(cfg, **overrides)
+
+    @classmethod
+    def make_config(cls, cfg: BaseModel | None = None, **overrides: Any) -> BaseModel:
+        """``cfg`` (or the defaults) with ``overrides`` merged over it, validated."""
+        base = cfg if cfg is not None else cls.config_class()
+        return cls.config_class.model_validate({**base.model_dump(), **overrides})
+
     @classmethod
     def backbone_spec(cls, model: dict[str, Any]) -> dict[str, Any] | None:
         """How to build the cached backbone alone from the run's model config:
         ``{"class": "module:Class", "kwargs": {...}}`` (None when not cacheable). The engine
         checks the built backbone's state against the run's, so a mismatch cannot pass."""
         return None
+
+    def bind_data(self, data: DataAccess) -> None:
+        """Hand the method the data files it reads by itself (default: it reads none)."""
 
     def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Return at least ``{"loss": scalar}``; extra entries are logged as per-step terms."""
@@ -44,13 +93,12 @@ class ADMethod(nn.Module):
         raise NotImplementedError
 
     def configure_optimizers(
-        self, optim: dict[str, Any], total_steps: int
+        self, optim: dict[str, Any], total_steps: int, build: OptimBuilders
     ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
-        """Build optimizers and per-iteration schedulers from the ``optim`` params block."""
-        from omniad.engine.optim import build_optimizer, build_scheduler
-
-        opt = build_optimizer(self, optim)
-        return [opt], [build_scheduler(opt, optim, total_steps)]
+        """Optimizers and per-iteration schedulers from the ``optim`` params block, made with
+        the engine's ``build`` (default: one optimizer over all trainable parameters)."""
+        opt = build.build_optimizer(self, optim)
+        return [opt], [build.build_scheduler(opt, optim, total_steps)]
 
     def clip_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradient norm is clipped together (default: all trainable)."""

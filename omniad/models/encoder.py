@@ -12,9 +12,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import timm
 import torch
+from pydantic import BeforeValidator
 from torch import nn
 
 #: Default pretrained tag per backbone (timm >= 1.0 names, see DESIGN.md / BASELINES.md).
@@ -27,6 +29,15 @@ DEFAULT_TAGS: dict[str, str] = {
     "tf_efficientnet_b6": "tf_efficientnet_b6.aa_in1k",
 }
 
+
+
+def _false_like(v: object) -> object:
+    return False if v in (None, "false", "False", "none") else v
+
+
+#: A method config's ``pretrained`` field: a timm tag or weights name, or False (random init);
+#: params may spell False as null, "false", "False" or "none" (yaml and the command line).
+Pretrained = Annotated[str | bool, BeforeValidator(_false_like)]
 
 class WeightsNotFoundError(FileNotFoundError):
     """Raised when pretrained weights are asked for but are not on this machine."""

@@ -1,6 +1,7 @@
 """Omni-AD, as released (easyoo/Omni-AD @ d85c5f4), with every ablation of the paper a switch.
 
-Read top to bottom: config, token attention, local branch, Omni-block, decoder, neck, model.
+Read top to bottom: config, token attention, local branch, Omni-block, decoder, model (the
+fusion neck, patch-expand and jitter it shares with other methods are in ``models/layers``).
 
 Shapes: the decoder works channels-last, ``x`` is (B, H, W, C), N = H*W input tokens, T learnable
 tokens (a perfect square, t = sqrt(T)), h heads of width C/h. Each attention slot computes
@@ -38,16 +39,16 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from timm.layers import trunc_normal_
-from timm.models.resnet import Bottleneck
 from torch import nn
 
-from omniad.models.base import ADMethod
-from omniad.models.encoder import FrozenEncoder
+from omniad.models.encoder import Pretrained
+from omniad.models.feature_reconstruction import FeatureReconstructionMethod
+from omniad.models.layers.decoder import StagedDecoder, init_linear_and_norm
+from omniad.models.layers.jitter import add_jitter
+from omniad.models.layers.patch_expand import PatchExpand
 
 AttnMode = Literal["self", "q", "kv"]
 
@@ -58,7 +59,7 @@ class OmniADConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["resnet18", "resnet34", "resnet50", "wide_resnet50_2"] = "resnet34"
-    pretrained: str | bool = "resnet34.bt_in1k"
+    pretrained: Pretrained = "resnet34.bt_in1k"
     depths: tuple[int, int, int, int] = (3, 9, 9, 7)
     tokens: int = 64
     heads: int = 8
@@ -83,11 +84,6 @@ class OmniADConfig(BaseModel):
         if v < 1 or math.isqrt(v) ** 2 != v:
             raise ValueError(f"tokens must be a perfect square (16, 36, 64, 100, ...), got {v}")
         return v
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,22 +217,7 @@ class OmniBlock(nn.Module):
         return x + self.l2(F.silu(_instance_norm_cl(self.l(mixed))))
 
 
-class PatchExpand(nn.Module):
-    """x2 upsampling of a channels-last map: Linear C -> 2C (no bias), pixel-shuffle, LayerNorm."""
-
-    def __init__(self, dim_in: int) -> None:
-        super().__init__()
-        self.expand = nn.Linear(dim_in, 2 * dim_in, bias=False)
-        self.norm = nn.LayerNorm(dim_in // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        x = self.expand(x).reshape(b, h, w, 2, 2, c // 2)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c // 2)
-        return self.norm(x)
-
-
-class Decoder(nn.Module):
+class Decoder(StagedDecoder):
     """Four stages of Omni-blocks; stages 2-4 open with a PatchExpand. Returns the last three
     stages' outputs, finest first, to match the encoder's scales."""
 
@@ -247,151 +228,23 @@ class Decoder(nn.Module):
             nn.Sequential(*(OmniBlock(d, cfg) for _ in range(n)))
             for d, n in zip(dims, cfg.depths, strict=True)
         )
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = x.permute(0, 2, 3, 1)
-        outs = []
-        for i, (up, stage) in enumerate(zip(self.ups, self.stages, strict=True)):
-            x = stage(up(x))
-            if i:
-                outs.insert(0, x.permute(0, 3, 1, 2))
-        return outs
-
-
-# --------------------------------------------------------------------------------------------
-# Neck (as in MambaAD): fuse the three encoder scales into one 2*c3 map at 1/32.
-# --------------------------------------------------------------------------------------------
-def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
-    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class FusionNeck(nn.Module):
-    """Fuse encoder channels (c1, c2, c3), c2 = 2 c1 and c3 = 2 c2, into one 2 c3 map at 1/32.
-
-    Width rule: every channel constant of the released neck (written for c1 = 64) scaled by
-    s = c1 / 64, the Bottlenecks' ``base_width`` (timm's width per group, 64) included. For
-    ResNet18/34 (s = 1) this is exactly the released neck: conv3x3 s2 64->128, conv1x1
-    128->128, conv3x3 s2 128->256, conv1x1 256->256, conv1x1 256->256, then 3 timm Bottlenecks
-    of width 128, the first strided, -> 512. For ResNet50 / WideResNet50-2 (c1 = 256, s = 4) the
-    Bottlenecks' inner width becomes 2048 (not 512): the released code cannot build these
-    encoders and no public code spells the rule out; it is derived, because it is the only rule
-    found (16 tried, measured with fvcore on a minimally patched copy of the released module)
-    that gives the paper's Table VII counts, 468M / 114G and 484M / 121G, while leaving
-    ResNet18/34 exact.
-    """
-
-    def __init__(self, channels: list[int], blocks: int = 3) -> None:
-        super().__init__()
-        c1, c2, c3 = channels
-        if c2 != 2 * c1 or c3 != 2 * c2:
-            raise ValueError(f"encoder channels {channels} do not double per stage")
-        scale = c1 / 64  # the released neck's constants assume c1 = 64
-        self.down1 = _conv_bn_relu(c1, c2, 3, stride=2)
-        self.lat2 = _conv_bn_relu(c2, c2, 1, bias=True)
-        self.down2 = _conv_bn_relu(c2, c3, 3, stride=2)
-        self.lat3 = _conv_bn_relu(c3, c3, 1, bias=True)
-        self.fuse = _conv_bn_relu(c3, c3, 1, bias=True)
-        planes = c3 // 2
-        base_width = round(64 * scale)
-        downsample = nn.Sequential(
-            nn.Conv2d(c3, planes * Bottleneck.expansion, 1, stride=2, bias=False),
-            nn.BatchNorm2d(planes * Bottleneck.expansion),
-        )
-        layers = [Bottleneck(c3, planes, stride=2, downsample=downsample, base_width=base_width)]
-        layers += [Bottleneck(planes * Bottleneck.expansion, planes, base_width=base_width)
-                   for _ in range(blocks - 1)]
-        self.blocks = nn.Sequential(*layers)
-        self.out_channels = planes * Bottleneck.expansion
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        f1 = self.lat2(feats[1]) + self.down1(feats[0])
-        f2 = self.down2(f1) + self.lat3(feats[2])
-        return self.blocks(self.fuse(f2))
-
-
-def add_jitter(tokens: torch.Tensor, scale: float, prob: float) -> torch.Tensor:
-    """UniAD-style feature jitter on (B, N, C) tokens: noise ~ N(0,1) * ||f||_2 / C * scale.
-
-    The noise is drawn (on the CPU generator, then moved, as released) even at scale 0: the
-    released model calls this in eval with scale 0, and with the re-drawn FFNs a seeded
-    evaluation depends on that draw. At scale 0 the tokens come back unchanged.
-    """
-    if prob <= 0 or (prob < 1 and torch.rand(()) > prob):
-        return tokens
-    b, n, c = tokens.shape
-    noise = torch.randn((b, n, c)).to(tokens.device, tokens.dtype)
-    if scale == 0:
-        return tokens
-    return tokens + noise * tokens.norm(dim=2, keepdim=True) / c * scale
+        self.apply(init_linear_and_norm)
 
 
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
-class OmniAD(ADMethod):
+class OmniAD(FeatureReconstructionMethod):
     """Frozen encoder -> fusion neck (+ jitter; scale 0 in eval) -> Omni-block decoder."""
 
     name = "omniad"
     config_class = OmniADConfig
-    cached_backbone = "encoder"  # sees clean images only, once per step
+    cfg: OmniADConfig
+    decoder_class = Decoder
 
-    @classmethod
-    def backbone_spec(cls, model: dict) -> dict:
-        cfg = OmniADConfig.model_validate(model)
-        return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
-
-    def __init__(self, cfg: OmniADConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or OmniADConfig()
-        self.cfg = cfg = OmniADConfig.model_validate({**base.model_dump(), **overrides})
-        self.encoder = FrozenEncoder(cfg.backbone, (1, 2, 3), cfg.pretrained)
-        self.neck = FusionNeck(self.encoder.channels)
-        c = self.encoder.channels
-        self.decoder = Decoder([self.neck.out_channels, c[2], c[1], c[0]], cfg)
-
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        feats_t = self.encoder(images)
-        z = self.neck(feats_t)
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         b, c, h, w = z.shape
         # in eval too, with scale 0 (prob 1), as released: it draws the noise all the same
         scale, prob = (self.cfg.jitter_scale, self.cfg.jitter_prob) if self.training else (0.0, 1.0)
         tokens = add_jitter(z.flatten(2).transpose(1, 2), scale, prob)
-        z = tokens.transpose(1, 2).reshape(b, c, h, w)
-        return feats_t, self.decoder(z)
-
-    @staticmethod
-    def reconstruction_loss(feats_t: list[torch.Tensor], feats_s: list[torch.Tensor]) -> torch.Tensor:
-        """Sum over scales of the mean squared error (the released L2Loss)."""
-        return sum(F.mse_loss(s, t) for t, s in zip(feats_t, feats_s, strict=True))
-
-    def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        feats_t, feats_s = self(images)
-        return {"loss": self.reconstruction_loss(feats_t, feats_s)}
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        from omniad.anomaly_map import cosine_anomaly_map
-
-        feats_t, feats_s = self(images)
-        return cosine_anomaly_map(
-            feats_t, feats_s, images.shape[-2:], divisor=self.cfg.map_divisor,
-            sigma=self.cfg.map_sigma,
-        )
+        return tokens.transpose(1, 2).reshape(b, c, h, w)

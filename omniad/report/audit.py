@@ -121,11 +121,9 @@ def _ablation_model(params: Params, protocol: str) -> dict[str, Any]:
         return {}
     base: dict[str, Any] = {}
     if spec.builder:
-        import importlib
+        from omniad.methods import method_class
 
-        module, _, attr = spec.builder.partition(":")
-        cfg_cls = getattr(getattr(importlib.import_module(module), attr), "config_class", None)
-        base = cfg_cls().model_dump() if cfg_cls else {}
+        base = method_class(params.grid.ablation_method, params).config_class().model_dump()
     return {**base, **spec.model, **spec.protocol_overrides.get(protocol, {})}
 
 

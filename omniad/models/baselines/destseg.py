@@ -39,16 +39,14 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-from omniad.models.base import ADMethod
+from omniad.constants import IMAGENET_MEAN, IMAGENET_STD
+from omniad.models.base import ADMethod, DataAccess, OptimBuilders
 from omniad.models.baselines import perlin
-from omniad.models.encoder import FrozenEncoder
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from omniad.models.encoder import FrozenEncoder, Pretrained
 
 
 class DeSTSegConfig(BaseModel):
@@ -57,7 +55,7 @@ class DeSTSegConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: torchvision's ResNet18 (BASELINES.md: ``resnet18.tv_in1k``).
-    pretrained: str | bool = "resnet18.tv_in1k"
+    pretrained: Pretrained = "resnet18.tv_in1k"
     textures: Literal["dtd", "package"] = "dtd"
     #: DTD root (the folder holding dtd/images); None: $OMNIAD_DATA/dtd.
     dtd_root: str | None = None
@@ -69,11 +67,6 @@ class DeSTSegConfig(BaseModel):
     focal_gamma: float = Field(4.0, ge=0)
     image_score: Literal["max", "top_mean"] = "max"
     top_k: int = Field(100, ge=1)
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -169,11 +162,11 @@ class DeSTSeg(ADMethod):
 
     name = "destseg"
     config_class = DeSTSegConfig
+    cfg: DeSTSegConfig
 
     def __init__(self, cfg: DeSTSegConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or DeSTSegConfig()
-        self.cfg = cfg = DeSTSegConfig.model_validate({**base.model_dump(), **overrides})
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.encoder = FrozenEncoder("resnet18", (1, 2, 3), cfg.pretrained)  # the teacher
         self.student = Student()
         self.segmentation = SegmentationHead(sum(self.encoder.channels))
@@ -181,6 +174,10 @@ class DeSTSeg(ADMethod):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.de_st_steps: int | None = None  # set by configure_optimizers
         self._textures: Any = None
+        self._data: DataAccess | None = None
+
+    def bind_data(self, data: DataAccess) -> None:
+        self._data = data
 
     # -- synthetic anomalies -------------------------------------------------------------
     def texture_source(self) -> Any:
@@ -188,10 +185,12 @@ class DeSTSeg(ADMethod):
             if self.cfg.textures == "package":
                 self._textures = perlin.package_textures
             else:
-                from omniad.grid import data_root
-
-                root = Path(self.cfg.dtd_root) if self.cfg.dtd_root else data_root("dtd")
-                self._textures = perlin.DTDTextures(root)
+                if self._data is None:
+                    raise RuntimeError("destseg: textures 'dtd' read the DTD images: build the "
+                                       "model with omniad.methods.create_method (or bind_data)")
+                root = (Path(self.cfg.dtd_root) if self.cfg.dtd_root
+                        else self._data.dataset_root("dtd"))
+                self._textures = perlin.DTDTextures(self._data.image_paths("dtd", root, "train"))
         return self._textures
 
     @torch.no_grad()
@@ -246,26 +245,24 @@ class DeSTSeg(ADMethod):
         return {"loss": focal + l1, "focal": focal.detach(), "l1": l1.detach()}
 
     def configure_optimizers(
-        self, optim: dict[str, Any], total_steps: int
+        self, optim: dict[str, Any], total_steps: int, build: OptimBuilders
     ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
         """SGD for the student (``optim.lr``) and for the head (``optim.seg_lr_res`` for its two
         basic blocks, ``optim.seg_lr_head`` for the rest); momentum and weight decay shared;
         ``optim.no_decay_1d`` exempts the student's biases and BatchNorm parameters (ADer).
         Only one part has gradients at a time, so stepping both every iteration trains each in
         its own phase."""
-        from omniad.engine.optim import build_scheduler, param_groups
-
         self.de_st_steps = max(1, int(round(total_steps * self.cfg.de_st_fraction)))
         wd = float(optim.get("weight_decay", 1e-4))
         kw = {"momentum": float(optim.get("momentum", 0.9)), "weight_decay": wd}
-        student = torch.optim.SGD(param_groups(self.student, wd, bool(optim.get("no_decay_1d"))),
+        student = torch.optim.SGD(build.param_groups(self.student, wd, bool(optim.get("no_decay_1d"))),
                                   lr=float(optim["lr"]), momentum=kw["momentum"])
         seg = torch.optim.SGD([
             {"params": self.segmentation.res.parameters(), "lr": float(optim.get("seg_lr_res", 0.1))},
             {"params": self.segmentation.head.parameters(), "lr": float(optim.get("seg_lr_head", 0.01))},
         ], lr=float(optim.get("seg_lr_res", 0.1)), **kw)
         opts = [student, seg]
-        return opts, [build_scheduler(o, optim, total_steps) for o in opts]
+        return opts, [build.build_scheduler(o, optim, total_steps) for o in opts]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

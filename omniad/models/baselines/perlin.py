@@ -114,10 +114,8 @@ class DTDTextures:
     """Whole DTD images resized to the image size (the official source), decoded lazily and
     kept in memory as uint8 (5,640 images: about 1.1 GB at 256 px)."""
 
-    def __init__(self, root: Path | str) -> None:
-        from omniad.data.readers import read_samples
-
-        self.paths = [s.image for s in read_samples("dtd", root, "train")]
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = list(paths)
         self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def _load(self, index: int, height: int, width: int) -> torch.Tensor:

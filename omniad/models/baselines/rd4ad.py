@@ -33,12 +33,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from timm.models.resnet import Bottleneck
 from torch import nn
 
-from omniad.models.base import ADMethod
-from omniad.models.encoder import FrozenEncoder
+from omniad.models.encoder import FrozenEncoder, Pretrained
+from omniad.models.frozen_encoder import FrozenEncoderMethod
+from omniad.models.layers.init import resnet_init
 
 #: Width per group of each supported teacher (torchvision's ``width_per_group``).
 TEACHER_WIDTH: dict[str, int] = {"wide_resnet50_2": 128, "resnet50": 64}
@@ -52,35 +53,16 @@ class RD4ADConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["wide_resnet50_2", "resnet50"] = "wide_resnet50_2"
-    pretrained: str | bool = "wide_resnet50_2.racm_in1k"
+    pretrained: Pretrained = "wide_resnet50_2.racm_in1k"
     form: Literal["ader", "official"] = "ader"
     ocbe_blocks: int = Field(3, ge=1)
     map_sigma: float = Field(4.0, ge=0)
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     """conv3x3 stride 2 (no bias) + BN + ReLU: one OCBE downsampling step."""
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-def _kaiming_init(module: nn.Module) -> None:
-    """torchvision ResNet init, as both codes use: Conv2d kaiming fan_out, BN (1, 0).
-
-    Transposed convs are not ``nn.Conv2d`` and keep PyTorch's default init, as in the official
-    decoder.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +85,7 @@ class OCBE(nn.Module):
         self.out_channels = out
         if unused_conv:  # the official conv4 + bn4: counted, never called
             self.unused = nn.Sequential(nn.Conv2d(4 * c3, out, 1, bias=False), nn.BatchNorm2d(out))
-        _kaiming_init(self)
+        resnet_init(self)  # torchvision's ResNet init, as both codes use
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         fused = torch.cat([self.down1(feats[0]), self.down2(feats[1]), feats[2]], dim=1)
@@ -160,7 +142,7 @@ class StudentDecoder(nn.Module):
             stages.append(nn.Sequential(*blocks))
             inplanes = c
         self.stages = nn.ModuleList(stages)
-        _kaiming_init(self)
+        resnet_init(self)  # torchvision's ResNet init, as both codes use
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
@@ -181,23 +163,18 @@ def cosine_distillation_loss(feats_t: list[torch.Tensor], feats_s: list[torch.Te
     )
 
 
-class RD4AD(ADMethod):
+class RD4AD(FrozenEncoderMethod):
     """Frozen teacher -> OCBE -> student decoder; anomalies are where the student disagrees."""
 
     name = "rd4ad"
     config_class = RD4ADConfig
+    cfg: RD4ADConfig
     cached_backbone = "teacher"  # sees clean images only, once per step
-
-    @classmethod
-    def backbone_spec(cls, model: dict) -> dict:
-        cfg = RD4ADConfig.model_validate(model)
-        return FrozenEncoder.spec(cfg.backbone, (1, 2, 3), cfg.pretrained)
+    teacher: FrozenEncoder
 
     def __init__(self, cfg: RD4ADConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or RD4ADConfig()
-        self.cfg = cfg = RD4ADConfig.model_validate({**base.model_dump(), **overrides})
-        self.teacher = FrozenEncoder(cfg.backbone, (1, 2, 3), cfg.pretrained)
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         channels = self.teacher.channels
         teacher_width = TEACHER_WIDTH[cfg.backbone]
         ocbe_width = ADER_OCBE_WIDTH if cfg.form == "ader" else teacher_width

@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from omniad.models.base import ADMethod
-from omniad.models.encoder import FrozenEncoder
-from omniad.models.omniad import add_jitter
+from omniad.models.encoder import FrozenEncoder, Pretrained
+from omniad.models.frozen_encoder import FrozenEncoderMethod
+from omniad.models.layers.jitter import add_jitter
 
 #: The official window per grid side (models/model.py, generate_mask).
 OFFICIAL_WINDOWS: dict[int, int] = {16: 5, 32: 7, 64: 11}
@@ -65,7 +65,7 @@ class RLRConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["tf_efficientnet_b6", "wide_resnet50_2"] = "tf_efficientnet_b6"
-    pretrained: str | bool = "tf_efficientnet_b6.aa_in1k"
+    pretrained: Pretrained = "tf_efficientnet_b6.aa_in1k"
     out_indices: tuple[int, ...] = (2, 3)
     image_size: int = Field(256, gt=0)
     windows: tuple[int, ...] | None = None
@@ -75,11 +75,6 @@ class RLRConfig(BaseModel):
     jitter_scale: float = Field(4.0, ge=0)
     map_sigma: float = Field(4.0, ge=0)
     stepping: Literal["per_level", "summed"] = "per_level"  # see the module docstring
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
     @field_validator("out_indices")
     @classmethod
@@ -232,23 +227,21 @@ def level_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, target) + (1 - F.cosine_similarity(out, target, dim=-1)).mean()
 
 
-class RLR(ADMethod):
+class RLR(FrozenEncoderMethod):
     """Frozen features -> per level, reconstruction from a learnable reference -> error map."""
 
     name = "rlr"
     config_class = RLRConfig
-    cached_backbone = "encoder"  # sees clean images only, once per step
+    cfg: RLRConfig
+    encoder: FrozenEncoder
 
     @classmethod
-    def backbone_spec(cls, model: dict) -> dict:
-        cfg = RLRConfig.model_validate(model)
-        return FrozenEncoder.spec(cfg.backbone, cfg.out_indices, cfg.pretrained)
+    def encoder_stages(cls, cfg: RLRConfig) -> tuple[int, ...]:
+        return cfg.out_indices
 
     def __init__(self, cfg: RLRConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or RLRConfig()
-        self.cfg = cfg = RLRConfig.model_validate({**base.model_dump(), **overrides})
-        self.encoder = FrozenEncoder(cfg.backbone, cfg.out_indices, cfg.pretrained)
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.levels = nn.ModuleList(
             LevelReconstructor(c, d, g, k, cfg.heads, cfg.layers, cfg.ffn_scale)
             for c, d, g, k in zip(self.encoder.channels, cfg.widths, cfg.grids, cfg.window_sizes,

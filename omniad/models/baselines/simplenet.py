@@ -39,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from omniad.anomaly_map import gaussian_smooth, max_score, to_numpy_maps
-from omniad.models.base import ADMethod
-from omniad.models.encoder import FrozenBackbone
+from omniad.models.base import ADMethod, OptimBuilders
+from omniad.models.encoder import FrozenBackbone, Pretrained
 
 
 class SimpleNetConfig(BaseModel):
@@ -50,7 +50,7 @@ class SimpleNetConfig(BaseModel):
 
     backbone: Literal["wide_resnet50_2", "resnet50", "resnet18"] = "wide_resnet50_2"
     #: torchvision's weights, as the official code loads them.
-    pretrained: str | bool = "wide_resnet50_2.tv_in1k"
+    pretrained: Pretrained = "wide_resnet50_2.tv_in1k"
     layers: tuple[int, int] = (2, 3)
     hold_full_backbone: bool = True
     patch_size: int = Field(3, ge=1)
@@ -67,11 +67,6 @@ class SimpleNetConfig(BaseModel):
         if v % 2 == 0:
             raise ValueError(f"patch_size must be odd (centred neighbourhood), got {v}")
         return v
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
 
 class FrozenTrunk(FrozenBackbone):
@@ -105,19 +100,19 @@ class SimpleNet(ADMethod):
 
     name = "simplenet"
     config_class = SimpleNetConfig
+    cfg: SimpleNetConfig
     cached_backbone = "encoder"  # sees clean images only, once per step
 
     @classmethod
     def backbone_spec(cls, model: dict) -> dict:
-        cfg = SimpleNetConfig.model_validate(model)
+        cfg = cls.config_class.model_validate(model)
         return {"class": f"{__name__}:FrozenTrunk", "kwargs": {
             "arch": cfg.backbone, "indices": list(cfg.layers), "pretrained": cfg.pretrained,
             "hold_full": cfg.hold_full_backbone}}
 
     def __init__(self, cfg: SimpleNetConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or SimpleNetConfig()
-        self.cfg = cfg = SimpleNetConfig.model_validate({**base.model_dump(), **overrides})
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         self.encoder = FrozenTrunk(cfg.backbone, cfg.layers, cfg.pretrained, cfg.hold_full_backbone)
         d = cfg.embed_dim
         self.adaptor = nn.Linear(d, d)
@@ -180,20 +175,18 @@ class SimpleNet(ADMethod):
         return super().clip_groups()
 
     def configure_optimizers(
-        self, optim: dict[str, Any], total_steps: int
+        self, optim: dict[str, Any], total_steps: int, build: OptimBuilders
     ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
         """Two optimizers: the discriminator's from the top-level keys of ``optim``, the
         adaptor's from ``optim.adaptor`` (name, lr, weight_decay, ...); one shared schedule.
         ``optim.clip_mode``: ``separate`` clips the two parts' gradient norms each on its own
         (ADer), ``joint`` together."""
-        from omniad.engine.optim import build_optimizer, build_scheduler
-
         adaptor_block = optim.get("adaptor")
         if not adaptor_block:
             raise ValueError("simplenet: optim.adaptor {name, lr, weight_decay} is required")
         self.clip_mode = optim.get("clip_mode", "joint")
         if self.clip_mode not in ("joint", "separate"):
             raise ValueError(f"simplenet: optim.clip_mode {self.clip_mode!r} is not joint or separate")
-        opts = [build_optimizer(self.discriminator, optim),
-                build_optimizer(self.adaptor, {**adaptor_block})]
-        return opts, [build_scheduler(o, optim, total_steps) for o in opts]
+        opts = [build.build_optimizer(self.discriminator, optim),
+                build.build_optimizer(self.adaptor, {**adaptor_block})]
+        return opts, [build.build_scheduler(o, optim, total_steps) for o in opts]

@@ -46,12 +46,12 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from omniad.models.base import ADMethod
-from omniad.models.encoder import FrozenEncoder
-from omniad.models.omniad import add_jitter
+from omniad.models.encoder import FrozenEncoder, Pretrained
+from omniad.models.frozen_encoder import FrozenEncoderMethod
+from omniad.models.layers.jitter import add_jitter
 
 STRIDE = 16
 
@@ -62,7 +62,7 @@ class UniADConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["tf_efficientnet_b4", "resnet18", "resnet34", "wide_resnet50_2"] = "tf_efficientnet_b4"
-    pretrained: str | bool = "tf_efficientnet_b4.aa_in1k"
+    pretrained: Pretrained = "tf_efficientnet_b4.aa_in1k"
     out_indices: tuple[int, ...] | None = None
     image_size: int = Field(256, gt=0)
     window: int | None = None
@@ -75,11 +75,6 @@ class UniADConfig(BaseModel):
     jitter_scale: float = Field(20.0, ge=0)
     jitter_prob: float = Field(1.0, ge=0, le=1)
     score_pool: int | None = None
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _false_like(cls, v: object) -> object:
-        return False if v in (None, "false", "False", "none") else v
 
     @model_validator(mode="after")
     def _consistent(self) -> UniADConfig:
@@ -225,23 +220,21 @@ class Transformer(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
-class UniAD(ADMethod):
+class UniAD(FrozenEncoderMethod):
     """Frozen multi-scale features -> jitter -> neighbour-masked transformer -> reconstruction."""
 
     name = "uniad"
     config_class = UniADConfig
-    cached_backbone = "encoder"  # sees clean images only, once per step
+    cfg: UniADConfig
+    encoder: FrozenEncoder
 
     @classmethod
-    def backbone_spec(cls, model: dict) -> dict:
-        cfg = UniADConfig.model_validate(model)
-        return FrozenEncoder.spec(cfg.backbone, cfg.stages, cfg.pretrained)
+    def encoder_stages(cls, cfg: UniADConfig) -> tuple[int, ...]:
+        return cfg.stages
 
     def __init__(self, cfg: UniADConfig | None = None, **overrides: object) -> None:
-        super().__init__()
-        base = cfg or UniADConfig()
-        self.cfg = cfg = UniADConfig.model_validate({**base.model_dump(), **overrides})
-        self.encoder = FrozenEncoder(cfg.backbone, cfg.stages, cfg.pretrained)
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         if max(self.encoder.reductions) != STRIDE:
             raise ValueError(f"UniAD fuses features at stride {STRIDE}; stages {cfg.stages} of "
                              f"{cfg.backbone} reach {max(self.encoder.reductions)}")
