@@ -23,10 +23,12 @@ onstart:
     from omniad.gridcost import cli as grid_cost
 
     grid_cost(Namespace(protocol=PROTOCOL, throughput=None, images_per_s=None, summary=True))
-    shell(f"omniad track init --protocol {PROTOCOL}")
+    if PROTO.tracking == "each_run":  # at_end: the track rule creates the store
+        shell(f"omniad track init --protocol {PROTOCOL}")
 
 
 rule all:
     default_target: True
     input:
         report_products(),
+        tracked(),

@@ -95,6 +95,10 @@ class Protocol(_Strict):
     # Periodic evaluation every N epochs (0: only the final model). The final evaluation
     # counts as one: the released-style maximum is taken over these and the final one.
     evaluate_every: int = Field(0, ge=0)
+    # MLflow: "each_run" logs a run when its evaluation ends (live in `mlflow ui` during a
+    # cluster grid); "at_end" logs them all in one `omniad track sync` job after the last
+    # evaluation (a laptop's demo: one MLflow import instead of one per run).
+    tracking: Literal["each_run", "at_end"] = "each_run"
     methods: dict[str, MethodSchedule] = {}  # per-method epochs / batch size (e.g. ADer's)
     eval_batch_size: int = 16
     workers: int | Literal["auto"] = "auto"
@@ -608,6 +612,11 @@ def check_file(protocol: str, dataset: str) -> Path:
 def summary_file(protocol: str, results: Path | None = None) -> Path:
     """A protocol's summary (mAD per table cell), written by the report for DVC."""
     return (results or results_root()) / protocol / "summary.json"
+
+
+def tracked_file(protocol: str, results: Path | None = None) -> Path:
+    """Marker of the one MLflow sync after a protocol's last evaluation (tracking: at_end)."""
+    return (results or results_root()) / protocol / "mlflow-synced"
 
 
 def dvc_summary_dir() -> Path:

@@ -147,5 +147,5 @@ def cli_features(args: argparse.Namespace) -> int:
 
 
 def cli_evaluate(args: argparse.Namespace) -> int:
-    evaluate_run(args.run, args.device, args.bf16, args.channels_last)
+    evaluate_run(args.run, args.device, args.bf16, args.channels_last, track=not args.no_track)
     return 0

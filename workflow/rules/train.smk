@@ -82,7 +82,26 @@ rule evaluate:
     log:
         run_file("evaluate.log"),
     shell:
-        "OMP_NUM_THREADS={threads} omniad evaluate {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+        "OMP_NUM_THREADS={threads} omniad evaluate {params.key}"
+        + (" --no-track" if PROTO.tracking == "at_end" else "")
+        + " > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+
+
+rule track:
+    """Log every finished run to MLflow in one job (protocol tracking: at_end); runs already
+    logged are skipped (omniad/tracking.py), so a rerun after new results logs only those."""
+    localrule: True
+    input:
+        run_files(rules.evaluate.output[0]),
+    output:
+        touch(rel(tracked_file(PROTOCOL))),
+    shell:
+        f"omniad track sync --protocol {PROTOCOL}"
+
+
+def tracked():
+    """The MLflow sync's marker when the protocol logs at the end (tracking: at_end)."""
+    return rules.track.output if PROTO.tracking == "at_end" else []
 
 
 rule metrics:
@@ -91,3 +110,4 @@ rule metrics:
     localrule: True
     input:
         run_files(rules.evaluate.output[0]),
+        tracked(),
