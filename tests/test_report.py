@@ -313,3 +313,18 @@ def test_pdf_compiles(env, tmp_path):
     bad.write_text("\\documentclass{article}\\begin{document}\\undefinedmacro\\end{document}\n")
     with pytest.raises(ReportError, match="Undefined control sequence"):
         compile_pdf(bad)
+
+
+def test_the_setting_line_names_each_methods_own_schedule() -> None:
+    """The demo trains most methods for their own epochs: the report's setting says which."""
+    from omniad.grid import load_params
+    from omniad.report.build import epochs_line
+
+    params = load_params()
+    demo = params.protocol("demo")
+    line = epochs_line(params, "demo")
+    assert line.startswith(f"Demo set {demo.epochs['demo']} (")
+    for m, sched in demo.methods.items():
+        assert f"{params.methods[m].label} {sched.epochs['demo']}" in line, (m, line)
+    assert "batch 8" in line  # DeSTSeg's demo batch
+    assert epochs_line(params, "paper") == "MVTec-AD 500, VisA 500, Real-IAD 500"

@@ -72,6 +72,22 @@ def _safe(stem: str) -> TeX:
     return TeX(stem)
 
 
+def epochs_line(params: Params, protocol: str) -> str:
+    """The protocol's epochs per dataset, then each method's own schedule where its
+    ``methods:`` block sets one (the demo trains most methods for other epoch counts)."""
+    proto = params.protocol(protocol)
+    line = ", ".join(f"{dataset_name(d)} {e}" for d, e in proto.epochs.items())
+    own = []
+    for m, sched in proto.methods.items():
+        parts = [f"{dataset_name(d)} {e}" if len(proto.epochs) > 1 else str(e)
+                 for d, e in sched.epochs.items()]
+        parts += [f"batch {sched.batch_size}"] if sched.batch_size else []
+        if parts:
+            label = params.methods[m].label if m in params.methods else m
+            own.append(f"{label} {', '.join(parts)}")
+    return f"{line} ({'; '.join(own)})" if own else line
+
+
 def report_context(col: agg.Collection, figures: list, git: dict) -> dict:
     params = col.params
     proto = params.protocol(col.protocol)
@@ -79,7 +95,7 @@ def report_context(col: agg.Collection, figures: list, git: dict) -> dict:
     weights = encoder_weights(col)
     seeds = (f"Table I {', '.join(map(str, proto.seeds_for('methods')))}; ablations "
              f"{', '.join(map(str, proto.seeds_for('ablation')))}")
-    epochs = ", ".join(f"{dataset_name(d)} {e}" for d, e in proto.epochs.items())
+    epochs = epochs_line(params, col.protocol)
     return {
         "protocol": escape(col.protocol),
         "datasets": join([dataset_name(d) for d in proto.datasets]),
