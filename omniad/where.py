@@ -29,11 +29,22 @@ def _json(path: Path) -> object:
         return None
 
 
+def _stale(pdf: Path, tex: Path) -> bool:
+    """The PDF was compiled from another report.tex: by the digest compile_pdf recorded
+    (Snakemake touches report.tex after the job, so times mislead), else by time."""
+    from omniad.report.latex import source_digest, source_digest_file
+
+    try:
+        return source_digest_file(tex).read_text().strip() != source_digest(tex)
+    except OSError:
+        return tex.stat().st_mtime > pdf.stat().st_mtime
+
+
 def _pdf(reports: Path) -> str:
     pdf, tex = reports / "report.pdf", reports / "report.tex"
     if pdf.is_file():
-        if tex.is_file() and tex.stat().st_mtime > pdf.stat().st_mtime:
-            return f"{_show(pdf)}  (stale: older than report.tex; rerun `omniad report`)"
+        if tex.is_file() and _stale(pdf, tex):
+            return f"{_show(pdf)}  (stale: not made from this report.tex; rerun `omniad report`)"
         return _show(pdf)
     why = ("pdflatex not installed (apt-get install texlive-latex-base "
            "texlive-latex-recommended lmodern)" if shutil.which("pdflatex") is None

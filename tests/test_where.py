@@ -50,5 +50,13 @@ def test_where_says_what_is_missing_then_where_products_are(
 
     os.utime(reports / "report.pdf", (1, 1))
     assert "stale" in dict(lines("demo", repo=tmp_path, results=results))["PDF"]
+    # with the digest compile_pdf records: a later touch (Snakemake's) is not staleness, an edit is
+    from omniad.report.latex import source_digest, source_digest_file
+
+    source_digest_file(reports / "report.tex").parent.mkdir(exist_ok=True)
+    source_digest_file(reports / "report.tex").write_text(source_digest(reports / "report.tex"))
+    assert "stale" not in dict(lines("demo", repo=tmp_path, results=results))["PDF"]
+    (reports / "report.tex").write_text("% edited\n")
+    assert "stale" in dict(lines("demo", repo=tmp_path, results=results))["PDF"]
     (results / "demo" / "summary.json").write_text(json.dumps({"table1": {}}))
     assert "another protocol" in dict(lines("demo", repo=tmp_path, results=results))["DVC"]

@@ -7,6 +7,7 @@ only values wrapped in :class:`TeX` (markup built by this package) pass through 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -155,4 +156,17 @@ def compile_pdf(tex: Path, runs: int = 2, timeout: int = 600) -> Path:
         raise ReportError(f"pdflatex wrote no PDF for {tex}; see {log}")
     out = tex.with_suffix(".pdf")
     os.replace(pdf, out)
+    # what it was compiled from: Snakemake touches report.tex (a declared output) after the
+    # job, so "is the PDF stale?" (omniad where) compares contents, not times
+    source_digest_file(tex).write_text(source_digest(tex) + "\n")
     return out
+
+
+def source_digest(tex: Path) -> str:
+    """sha256 of a .tex file's bytes."""
+    return hashlib.sha256(Path(tex).read_bytes()).hexdigest()
+
+
+def source_digest_file(tex: Path) -> Path:
+    """Where compile_pdf records the digest of the .tex it compiled."""
+    return Path(tex).parent / BUILD_DIR / f"{Path(tex).stem}.source.sha256"
