@@ -14,6 +14,8 @@ def _complexity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=None, help="one method's default (e.g. rd4ad)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-flops", action="store_true", help="parameters only (fast)")
+    p.add_argument("--cache", action="store_true",
+                   help="fill the report's cache (results/complexity.json) unless it is current")
     p.set_defaults(func=lambda a: __import__("omniad.complexity", fromlist=["main"]).main(a))
 
 

@@ -89,6 +89,10 @@ def complexity_rows(params: Params, method: str | None = None, flops: bool = Tru
 
 
 def main(args) -> int:
+    if getattr(args, "cache", False):
+        from omniad.report.costs import fill_cache
+
+        return fill_cache()
     rows = complexity_rows(load_params(), args.method, flops=not args.no_flops)
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -39,6 +39,24 @@ def cache_key(params: Params) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def cache_file(results: Path | None = None) -> Path:
+    """The rows' cache: ``results/complexity.json`` (the DAG's ``complexity`` rule fills it)."""
+    return (results or results_root()) / CACHE_NAME
+
+
+def fill_cache(args: Any = None) -> int:
+    """``omniad complexity --cache``: count into the report's cache unless it is current (the
+    DAG runs this as a job beside training, so the report does not count after it)."""
+    from omniad.grid import load_params
+
+    rows, problem = load_complexity(load_params())
+    if problem:
+        print(f"complexity: {problem}", file=sys.stderr)
+        return 1
+    print(f"complexity: {len(rows)} rows in {cache_file()}")
+    return 0
+
+
 def _rows_of(data: Any) -> list[dict]:
     rows = data.get("rows") if isinstance(data, dict) else data
     if not isinstance(rows, list):
@@ -58,7 +76,7 @@ def load_complexity(params: Params, results: Path | None = None,
             return _rows_of(json.loads(Path(given).read_text())), None
         except (OSError, ValueError) as exc:
             return [], f"$OMNIAD_COMPLEXITY_JSON={given}: {exc}"
-    path = (results or results_root()) / CACHE_NAME
+    path = cache_file(results)
     key = cache_key(params)
     if path.exists():
         try:

@@ -87,6 +87,23 @@ rule evaluate:
         + " > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
 
 
+rule complexity:
+    """Params and FLOPs of every ablation variant for the report (omniad/report/costs.py),
+    counted once per code/params key: a job of its own, so it runs beside the training jobs
+    instead of inside the report after them."""
+    output:
+        rel(complexity_cache_file()),
+    params:
+        key=complexity_key(PARAMS),  # a code or params edit that changes the counts reruns it
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    log:
+        rel(complexity_cache_file().with_suffix(".log")),
+    shell:
+        "OMP_NUM_THREADS=1 omniad complexity --cache > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+
+
 rule track:
     """Log every finished run to MLflow in one job (protocol tracking: at_end); runs already
     logged are skipped (omniad/tracking.py), so a rerun after new results logs only those."""
@@ -111,3 +128,4 @@ rule metrics:
     input:
         run_files(rules.evaluate.output[0]),
         tracked(),
+        rules.complexity.output,  # counted beside training (the report reads it)
