@@ -160,7 +160,9 @@ def _cfg(protocol: str, dataset: str, method: str) -> dict:
     ("ader", "mvtec_ad", "omniad", 1000, 16, 20),
     ("ader", "real_iad", "omniad", 100, 16, 20),
     ("ader", "mvtec_ad", "rlr", 200, 4, 1),
-    ("demo", "demo", "omniad", 4, 16, 2),
+    ("demo", "demo", "omniad", 2, 16, 2),
+    ("demo", "demo", "uniad", 4, 8, 2),
+    ("demo", "demo", "destseg", 6, 8, 2),
 ])
 def test_protocol_schedules(monkeypatch, protocol, dataset, method, epochs, batch, every) -> None:
     monkeypatch.delenv("OMNIAD_PARAMS", raising=False)
