@@ -30,7 +30,8 @@ def _run_cmds(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--channels-last", action="store_true", help="channels_last (as the protocol's)")
         if name == "evaluate":
             p.add_argument("--no-track", action="store_true",
-                           help="do not log to MLflow now (`omniad track sync` logs it later)")
+                           help="do not log to MLflow now, whatever the protocol's `tracking` "
+                                "(`omniad track sync` logs it later)")
         p.set_defaults(func=lambda a, n=name: getattr(
             __import__("omniad.engine.runner", fromlist=["x"]), f"cli_{n}")(a))
 

@@ -75,8 +75,12 @@ def train_run(key: str, device: str | None = None, bf16: bool = False,
 
 
 def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
-                 channels_last: bool = False, track: bool = True) -> dict[str, Any]:
+                 channels_last: bool = False, track: bool | None = None) -> dict[str, Any]:
+    """Evaluate a trained run and write metrics.json; log it to MLflow when ``track`` (None:
+    when its protocol's ``tracking`` is each_run; at_end leaves it to ``omniad track sync``)."""
     cfg, run_dir, rt = _setup(key, device, bf16, channels_last)
+    if track is None:
+        track = load_params().protocol(cfg.protocol).tracking == "each_run"
     state = load_checkpoint(run_dir / "model.pt")
     if state is None:
         raise FileNotFoundError(f"{run_dir / 'model.pt'}: not trained yet; run `omniad train {key}`")
@@ -147,5 +151,6 @@ def cli_features(args: argparse.Namespace) -> int:
 
 
 def cli_evaluate(args: argparse.Namespace) -> int:
-    evaluate_run(args.run, args.device, args.bf16, args.channels_last, track=not args.no_track)
+    evaluate_run(args.run, args.device, args.bf16, args.channels_last,
+                 track=False if args.no_track else None)
     return 0

@@ -83,8 +83,7 @@ def epochs_line(params: Params, protocol: str) -> str:
                  for d, e in sched.epochs.items()]
         parts += [f"batch {sched.batch_size}"] if sched.batch_size else []
         if parts:
-            label = params.methods[m].label if m in params.methods else m
-            own.append(f"{label} {', '.join(parts)}")
+            own.append(f"{params.methods[m].label} {', '.join(parts)}")  # refs checked
     return f"{line} ({'; '.join(own)})" if own else line
 
 

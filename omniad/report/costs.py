@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omniad.codehash import builder_module, fingerprint
-from omniad.grid import Params, results_root
+from omniad.grid import Params, load_params, results_root
 from omniad.report.latex import write_atomic
 
 CACHE_NAME = "complexity.json"
@@ -47,8 +47,6 @@ def cache_file(results: Path | None = None) -> Path:
 def fill_cache(args: Any = None) -> int:
     """``omniad complexity --cache``: count into the report's cache unless it is current (the
     DAG runs this as a job beside training, so the report does not count after it)."""
-    from omniad.grid import load_params
-
     rows, problem = load_complexity(load_params())
     if problem:
         print(f"complexity: {problem}", file=sys.stderr)

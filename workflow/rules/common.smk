@@ -8,7 +8,6 @@ from omniad.grid import (METRICS_FILE, MODEL_FILE, cache_key_file, check_file, c
                          enumerate_runs, feature_key, features_file, manifest_file,
                          resolve_run, resources, run_dir, run_key as make_run_key, summary_file,
                          tracked_file)
-
 from omniad.report.costs import cache_file as complexity_cache_file, cache_key as complexity_key
 
 RUNS = enumerate_runs(PARAMS, PROTOCOL)

@@ -82,9 +82,8 @@ rule evaluate:
     log:
         run_file("evaluate.log"),
     shell:
-        "OMP_NUM_THREADS={threads} omniad evaluate {params.key}"
-        + (" --no-track" if PROTO.tracking == "at_end" else "")
-        + " > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+        # MLflow logging follows the protocol's `tracking` (omniad/engine/runner.py)
+        "OMP_NUM_THREADS={threads} omniad evaluate {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
 
 
 rule complexity:
