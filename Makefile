@@ -2,16 +2,20 @@
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+# pyproject.toml extras: a Slurm cluster adds `slurm` (make venv EXTRAS=pipeline,dev,slurm), the
+# Snakemake executor plugin; left out elsewhere, as it probes for a Slurm controller on every
+# Snakemake start (up to 10 s where Slurm is installed but not running).
+EXTRAS ?= pipeline,dev
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml constraints.txt; echo $(EXTRAS)) | sha1sum | cut -c1-12)
 
 .PHONY: venv test test-fast demo lint clean-demo
 
 venv: $(STAMP)
 
+# uv when it can (about 20 s instead of pip's 100 s), pip otherwise: workflow/install_venv.py
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -c constraints.txt -e '.[pipeline,dev]'
+	python3 workflow/install_venv.py $(VENV) $(EXTRAS) constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	rm -f $(VENV)/.installed-*; touch $@
 

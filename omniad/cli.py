@@ -92,7 +92,11 @@ def _report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--selection", choices=["final", "released-max"], default="final",
                    help="what the tables show: the final model (default) or the released "
                         "trainers' per-metric maximum over the evaluations")
-    p.set_defaults(func=lambda a: __import__("omniad.report", fromlist=["x"]).cli(a))
+    p.add_argument("--dvc-summary", action="store_true",
+                   help="only copy the protocol's summary.json and plots to summary/ (what "
+                        "dvc.yaml's metrics and plots read); the report must exist")
+    p.set_defaults(func=lambda a: __import__("omniad.report.dvc_summary", fromlist=["x"]).cli(
+        a.protocol) if a.dvc_summary else __import__("omniad.report", fromlist=["x"]).cli(a))
 
 
 def _weights(sub: argparse._SubParsersAction) -> None:

@@ -25,6 +25,9 @@ log() { echo "[slurm-ci] $*"; }
 fail() { echo "[slurm-ci] FAILED: $*" >&2; exit 1; }
 
 [[ -x $BIN/snakemake ]] || fail "$BIN/snakemake missing; run \`make venv\` first"
+# the Snakemake executor plugin for Slurm: pyproject.toml's `slurm` extra, not in the default venv
+"$BIN/python" -c "import snakemake_executor_plugin_slurm" 2>/dev/null \
+  || make --no-print-directory venv EXTRAS=pipeline,dev,slurm
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/omniad-slurm-ci.XXXXXX")
 chmod 755 "$TMP"
 T_START=$SECONDS

@@ -1,10 +1,5 @@
 # Aggregate every run of the grid, render the seven tables, figures and the PDF.
 
-import json
-import os
-import shutil
-from pathlib import Path
-
 from omniad.grid import dvc_summary_dir, report_table_file, report_tex_file
 
 #: The protocol's summary and plots under a path that names no protocol (beside results/):
@@ -41,16 +36,6 @@ rule summary:
         rel(SUMMARY / METRICS_FILE),
     params:
         protocol=PROTOCOL,  # another protocol's copy is replaced even when it is newer
-    run:
-        plots, tmp = SUMMARY / "plots", SUMMARY / "plots.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        source = summary_file(PROTOCOL).parent / "plots"
-        if source.is_dir():
-            shutil.copytree(source, tmp)
-        else:
-            tmp.mkdir(parents=True)
-        shutil.rmtree(plots, ignore_errors=True)
-        tmp.rename(plots)
-        data = json.loads(Path(input[0]).read_text())
-        Path(output[0] + ".tmp").write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(output[0] + ".tmp", output[0])
+    shell:
+        # a shell job, not a `run:` block: that would start Snakemake a second time
+        "omniad report --dvc-summary --protocol {params.protocol}"
