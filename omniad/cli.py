@@ -28,6 +28,10 @@ def _run_cmds(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast (as the protocol's bf16: true)")
         p.add_argument("--channels-last", action="store_true", help="channels_last (as the protocol's)")
+        if name == "train":
+            p.add_argument("--evaluate", action="store_true",
+                           help="then evaluate the final model in the same process, as "
+                                "`omniad evaluate` does (the DAG's one job per run)")
         if name == "evaluate":
             p.add_argument("--no-track", action="store_true",
                            help="do not log to MLflow now, whatever the protocol's `tracking` "

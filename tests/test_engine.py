@@ -109,6 +109,33 @@ def test_train_evaluate_and_mlflow_store(tiny_env) -> None:
     assert [t.data.tags["value"] for t in tagged] == ["both"]
 
 
+def test_train_with_evaluate_is_train_then_evaluate(tiny_env, tmp_path) -> None:
+    """The DAG's one job per run (`omniad train --evaluate`) gives exactly what two processes
+    give; run again, it reuses the trained model (a job killed while evaluating loses no
+    training) and only re-evaluates."""
+    two = {**tiny_env, "OMNIAD_RESULTS": str(tmp_path / "two"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'two.db'}"}
+    for step in ("train", "evaluate"):
+        done = omniad(step, KEY, env=two)
+        assert done.returncode == 0, done.stderr
+    one = omniad("train", KEY, "--evaluate", env=tiny_env)
+    assert one.returncode == 0, one.stderr
+
+    def outcome(env: dict[str, str]) -> dict:
+        m = json.loads((run_dir(env) / "metrics.json").read_text())
+        evals = [{k: v for k, v in e.items() if k != "eval_wall_s"} for e in m["evaluations"]]
+        return {"mean": m["mean"], "per_category": m["per_category"], "evaluations": evals,
+                "released_max": m["released_max"]}
+
+    want = outcome(two)
+    assert outcome(tiny_env) == want and len(want["evaluations"]) == 3  # epochs 1, 2 and final
+    (run_dir(tiny_env) / "metrics.json").unlink()
+    again = omniad("train", KEY, "--evaluate", env=tiny_env)
+    assert again.returncode == 0, again.stderr
+    assert "already trained" in again.stdout and ": done in " not in again.stdout
+    assert outcome(tiny_env) == want
+
+
 def test_unreachable_tracking_server_does_not_fail_the_run(tiny_env) -> None:
     env = {**tiny_env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     assert omniad("train", KEY, env=env).returncode == 0

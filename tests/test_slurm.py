@@ -335,8 +335,8 @@ def test_failing_job_fails_the_dag_with_its_error_and_no_metrics(
         reference: Reference) -> None:
     env = _dag_env(_tiny_env(tiny_env), tmp_path, demo_root, demo_cache)
     run = _run_dir(env)
-    # A trained model (the reference's), so only the evaluation job runs, on a test split
-    # whose image files are corrupted.
+    # A trained model (the reference's): the run's job reuses it (no training) and fails in
+    # its evaluation, on a test split whose image files are corrupted.
     run.mkdir(parents=True)
     for name in ("model.pt", "train.json", "history.json"):
         shutil.copy2(reference.run_dir() / name, run / name)
@@ -351,8 +351,10 @@ def test_failing_job_fails_the_dag_with_its_error_and_no_metrics(
     rc = proc.wait(timeout=900)
     text = log.read_text()
     assert rc != 0, text[-4000:]
-    assert "Error in rule evaluate" in text, text[-4000:]
-    assert "rule train" not in text, "the trained model was not reused"
+    assert "Error in rule run" in text, text[-4000:]
+    job_log = (run / "train.log").read_text()
+    assert "already trained" in job_log and ": done in " not in job_log, \
+        "the trained model was not reused"
     named = re.search(r"log: (.+?) \(check log file\(s\) for error details\)", text)
     assert named, text[-4000:]
     logs = [Path(p) if os.path.isabs(p) else tmp_path / "work" / p

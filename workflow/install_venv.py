@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     start = time.monotonic()
     if os.environ.get("OMNIAD_INSTALLER", "uv") == "uv" and run([str(pip), "install", "-q", "uv"]):
         args, env = uv_args(pip_config(pip))
-        cmd = [str(uv), "pip", "install", "-q", "--python", str(python), *args,
+        cmd = [str(uv), "pip", "install", "-q", "--compile-bytecode", "--python", str(python), *args,
                "-c", constraints, *reqs, *editable]
         if run(cmd, env):
             print(f"[venv] installed with uv in {time.monotonic() - start:.0f} s")

@@ -97,7 +97,7 @@ rows = [line.split("|", 2) for line in open(sys.argv[1]).read().splitlines() if 
 n = int(sys.argv[2])
 bad = [r for r in rows if r[1] != "COMPLETED"]
 rules = collections.Counter(r[2].split("_wildcards_")[0].removeprefix("rule_") for r in rows)
-want = {"demo_data": 1, "check": 1, "cache": 1, "train": n, "evaluate": n}
+want = {"demo_data": 1, "check": 1, "cache": 1, "run": n}
 print(f"[slurm-ci] sacct: {len(rows)} jobs, per rule {dict(rules)}")
 if bad:
     sys.exit(f"[slurm-ci] FAILED: jobs not COMPLETED in sacct: {bad}")
@@ -105,7 +105,7 @@ for rule, count in want.items():
     if rules[rule] != count:
         sys.exit(f"[slurm-ci] FAILED: sacct has {rules[rule]} {rule} jobs, expected {count}")
 EOF
-train_job=$(grep '|rule_train_' "$TMP/sacct.psv" | head -n 1 | cut -d'|' -f1)
+train_job=$(grep '|rule_run_' "$TMP/sacct.psv" | head -n 1 | cut -d'|' -f1)
 log "sacct record of train job $train_job (all fields of interest, steps included):"
 sacct -j "$train_job" -o JobID,JobName%36,Partition,Account,User,NodeList,AllocCPUS,AllocTRES%50,ReqMem,MaxRSS,Timelimit,Start,End,Elapsed,State,ExitCode \
   | tee "$TMP/sacct-train.txt"

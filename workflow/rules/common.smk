@@ -4,7 +4,7 @@
 import os
 
 from omniad.codehash import evaluate_code
-from omniad.grid import (METRICS_FILE, MODEL_FILE, cache_key_file, check_file, config_hash,
+from omniad.grid import (METRICS_FILE, cache_key_file, check_file, config_hash,
                          enumerate_runs, feature_key, features_file, manifest_file,
                          resolve_run, resources, run_dir, run_key as make_run_key, summary_file,
                          tracked_file)

@@ -14,7 +14,7 @@ def report_products():
 
 rule report:
     input:
-        run_files(rules.evaluate.output[0]),
+        run_files(rules.run.output[0]),
         rules.complexity.output,
     output:
         *[rel(report_table_file(PROTOCOL, t)) for t in PARAMS.grid.table_order],

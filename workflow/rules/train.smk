@@ -1,5 +1,5 @@
-# One training job and one evaluation job per (dataset, method, variant, seed) of the grid.
-# Training is requeue-aware: on SIGTERM/SIGUSR1 it checkpoints and exits 75; a retry (the
+# One job per (dataset, method, variant, seed) of the grid: train, then evaluate, in one process
+# (one torch start-up per run, not two). Training is requeue-aware: on SIGTERM/SIGUSR1 it checkpoints and exits 75; a retry (the
 # profile's `retries`) or a Slurm requeue resumes from the checkpoint (omniad/engine/train.py).
 # The `config` / `code` params are hashes of the resolved run config and of the code each job
 # runs: Snakemake reruns a job whose params changed, so editing params/ or a model file reruns
@@ -42,14 +42,19 @@ def run_inputs(wc):
     return out + (expand(rules.features.output[0], name=name) if name else [])
 
 
-rule train:
+rule run:
+    """Train one run (resuming from its checkpoint) and evaluate its final model, in one process
+    and one job: the run's model.pt is a by-product that a retry reuses (``omniad train`` skips
+    a model trained under the same config hash), so a job killed during the final evaluation
+    loses no training; delete model.pt to retrain under an unchanged config."""
     input:
         run_inputs,
     output:
-        run_file(MODEL_FILE),
+        run_file(METRICS_FILE),
     params:
         key=run_key,
-        config=run_config,
+        config=run_config,  # training's config and code (and the periodic evaluations')
+        code=eval_code,  # the final evaluation's code: a change re-evaluates, reusing model.pt
     threads: res("train", "cpus")
     resources:
         gpu=res("train", "gpu"),
@@ -59,31 +64,10 @@ rule train:
     log:
         run_file("train.log"),
     shell:
-        # bash ignores TERM/USR1 so it waits while training checkpoints and exits 75
-        "trap : TERM USR1; OMP_NUM_THREADS={threads} omniad train {params.key} > {log} 2>&1"
-        " || (tail -n 40 {log}; exit 1)"
-
-
-rule evaluate:
-    input:
-        rules.train.output,
-    output:
-        run_file(METRICS_FILE),
-    params:
-        key=run_key,
-        config=run_config,
-        code=eval_code,
-    threads: res("train", "cpus")
-    resources:
-        gpu=res("train", "gpu"),
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        cpus_per_task=res("train", "cpus"),
-    log:
-        run_file("evaluate.log"),
-    shell:
-        # MLflow logging follows the protocol's `tracking` (omniad/engine/runner.py)
-        "OMP_NUM_THREADS={threads} omniad evaluate {params.key} > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
+        # bash ignores TERM/USR1 so it waits while training checkpoints and exits 75; MLflow
+        # logging follows the protocol's `tracking` (omniad/engine/runner.py)
+        "trap : TERM USR1; OMP_NUM_THREADS={threads} omniad train {params.key} --evaluate"
+        " > {log} 2>&1 || (tail -n 40 {log}; exit 1)"
 
 
 rule complexity:
@@ -108,7 +92,7 @@ rule track:
     logged are skipped (omniad/tracking.py), so a rerun after new results logs only those."""
     localrule: True
     input:
-        run_files(rules.evaluate.output[0]),
+        run_files(rules.run.output[0]),
     output:
         touch(rel(tracked_file(PROTOCOL))),
     shell:
@@ -122,9 +106,9 @@ def tracked():
 
 rule metrics:
     """Every run of the grid trained and evaluated: the DVC train stage's target (unlike
-    `--until evaluate`, it regenerates a missing metrics.json even when the report exists)."""
+    `--until run`, it regenerates a missing metrics.json even when the report exists)."""
     localrule: True
     input:
-        run_files(rules.evaluate.output[0]),
+        run_files(rules.run.output[0]),
         rules.complexity.output,  # counted beside training (the report reads it)
         # not the MLflow sync (tracking: at_end): a target of `all`, it runs beside the report
