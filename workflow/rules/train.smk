@@ -1,6 +1,7 @@
 # One job per (dataset, method, variant, seed) of the grid: train, then evaluate, in one process
-# (one torch start-up per run, not two). Training is requeue-aware: on SIGTERM/SIGUSR1 it checkpoints and exits 75; a retry (the
-# profile's `retries`) or a Slurm requeue resumes from the checkpoint (omniad/engine/train.py).
+# (one torch start-up per run, not two). Training is requeue-aware: on SIGTERM/SIGUSR1 it
+# checkpoints and exits 75; a retry (the profile's `retries`) or a Slurm requeue resumes from
+# the checkpoint (omniad/engine/train.py).
 # The `config` / `code` params are hashes of the resolved run config and of the code each job
 # runs: Snakemake reruns a job whose params changed, so editing params/ or a model file reruns
 # exactly the runs it affects (with `dvc repro` too); a comment or docstring edit, or an edit
