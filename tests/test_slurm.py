@@ -296,7 +296,7 @@ def test_profile_training_job_is_requeued_and_resumes(
     env = _dag_env(_tiny_env(tiny_env), tmp_path, demo_root, demo_cache)
     run = _run_dir(env)
     log = tmp_path / "snakemake.log"
-    proc = _snakemake(env, tmp_path / "work", run / "model.pt", log=log)
+    proc = _snakemake(env, tmp_path / "work", run / "metrics.json", log=log)
     submitted = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
     def submission() -> tuple[str, str] | None:
