@@ -50,6 +50,12 @@ def test_no_pip_configuration_passes_nothing_but_the_strategy(tmp_path: Path) ->
     assert args == ["--index-strategy", "unsafe-best-match"]
 
 
+def test_no_index_is_passed_only_when_set_true(tmp_path: Path) -> None:
+    for value, want in (("true", True), ("1", True), ("false", False), ("0", False)):
+        args, _ = install_venv.uv_args({"no-index": [value]})
+        assert ("--no-index" in args) is want, value
+
+
 def test_usage_error_without_arguments() -> None:
     out = subprocess.run([sys.executable, str(REPO / "workflow" / "install_venv.py")],
                          capture_output=True, text=True)

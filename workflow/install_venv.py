@@ -47,7 +47,7 @@ def uv_args(config: dict[str, list[str]]) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     if config.get("cert"):
         env.setdefault("SSL_CERT_FILE", config["cert"][0])
-    if config.get("no-index"):
+    if config.get("no-index", ["false"])[0].lower() in ("1", "true", "yes", "on"):
         args.append("--no-index")
     # pip picks the best version over all indexes; uv's default stops at the first that has
     # the package

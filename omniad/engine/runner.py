@@ -54,7 +54,11 @@ def _setup(key: str, device: str | None, bf16: bool, channels_last: bool
 
 def train_run(key: str, device: str | None = None, bf16: bool = False,
               channels_last: bool = False) -> Path:
-    cfg, run_dir, rt = _setup(key, device, bf16, channels_last)
+    return _train(*_setup(key, device, bf16, channels_last))
+
+
+def _train(cfg: RunConfig, run_dir: Path, rt: Runtime) -> Path:
+    key = cfg.run
     done = load_checkpoint(run_dir / "model.pt")
     if done is not None and done.get("config_hash") == rt.config_hash:
         print(f"[train] {key}: already trained ({run_dir / 'model.pt'})")
@@ -78,7 +82,11 @@ def evaluate_run(key: str, device: str | None = None, bf16: bool = False,
                  channels_last: bool = False, track: bool | None = None) -> dict[str, Any]:
     """Evaluate a trained run and write metrics.json; log it to MLflow when ``track`` (None:
     when its protocol's ``tracking`` is each_run; at_end leaves it to ``omniad track sync``)."""
-    cfg, run_dir, rt = _setup(key, device, bf16, channels_last)
+    return _evaluate(*_setup(key, device, bf16, channels_last), track)
+
+
+def _evaluate(cfg: RunConfig, run_dir: Path, rt: Runtime, track: bool | None) -> dict[str, Any]:
+    key = cfg.run
     if track is None:
         track = load_params().protocol(cfg.protocol).tracking == "each_run"
     state = load_checkpoint(run_dir / "model.pt")
@@ -139,9 +147,10 @@ def cli_train(args: argparse.Namespace) -> int:
     """``omniad train RUN [--evaluate]``. With --evaluate, the final model is evaluated from
     model.pt as a separate ``omniad evaluate`` would (fresh model, same seed), saving a second
     process start-up (torch, timm: ~4 s a run on a laptop)."""
-    train_run(args.run, args.device, args.bf16, args.channels_last)
+    setup = _setup(args.run, args.device, args.bf16, args.channels_last)
+    _train(*setup)
     if getattr(args, "evaluate", False):
-        evaluate_run(args.run, args.device, args.bf16, args.channels_last)
+        _evaluate(*setup, track=None)
     return 0
 
 
